@@ -1,0 +1,249 @@
+//! The command line (SPEC §10): clap types, and one library call per
+//! command. No logic lives here beyond turning arguments into requests.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::clock::parse_duration;
+
+fn dur(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "runner",
+    version,
+    about = "Runs coding agents one turn at a time, and leaves a durable record of every turn."
+)]
+pub struct Cli {
+    /// The root directory (env RUNNER_ROOT; default .runner).
+    #[arg(long, global = true, env = "RUNNER_ROOT", default_value = ".runner")]
+    pub root: PathBuf,
+    /// Print one JSON document on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less logging.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// A complete turn on a throw-away root with the built-in fake agent.
+    Demo,
+    /// Create the root and its databases.
+    Init,
+    /// Register and inspect agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Run one turn of an agent.
+    Turn(TurnArgs),
+    /// Store a nudge as mail and run a turn if none is in flight.
+    Nudge(NudgeArgs),
+    /// Stop an agent: mark it completed and end its running turn.
+    Stop(StopArgs),
+    /// Run turns for every agent with due mail, and sweep, until signalled.
+    Serve(ServeArgs),
+    /// One repair pass over all agents.
+    Sweep(SweepArgs),
+    /// A table of agents.
+    Status(StatusArgs),
+    /// Turn history.
+    Turns(TurnsArgs),
+    /// Events, oldest first.
+    Events(EventsArgs),
+    /// Send, list and check mail.
+    #[command(subcommand)]
+    Mail(MailCmd),
+    /// Test double speaking Claude's stream-json protocol.
+    #[command(hide = true)]
+    FakeAgent(crate::fake_agent::FakeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    /// Register an agent (state booting).
+    Add(AgentAddArgs),
+    /// Show one agent in full.
+    Show { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AgentAddArgs {
+    pub name: String,
+    #[arg(long)]
+    pub capability: String,
+    #[arg(long)]
+    pub parent: Option<String>,
+    #[arg(long)]
+    pub task: Option<String>,
+    /// The agent's working directory (default: the current directory).
+    #[arg(long)]
+    pub worktree: Option<PathBuf>,
+    /// claude, codex, gemini or command.
+    #[arg(long)]
+    pub runtime: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Reset a completed or zombie agent to booting.
+    #[arg(long)]
+    pub recover: bool,
+    /// The agent's program and arguments (implies --runtime command); takes every remaining argument.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true, value_name = "PROG")]
+    pub command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TurnArgs {
+    #[arg(long)]
+    pub agent: String,
+    #[arg(long, conflicts_with = "message_file")]
+    pub message: Option<String>,
+    #[arg(long)]
+    pub message_file: Option<PathBuf>,
+    /// Store the message as mail from SENDER instead.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Deliver only the message, not the agent's mail.
+    #[arg(long)]
+    pub no_mail: bool,
+    #[arg(long, value_parser = dur, conflicts_with = "no_wait")]
+    pub wait: Option<Duration>,
+    #[arg(long)]
+    pub no_wait: bool,
+    #[arg(long, value_parser = dur)]
+    pub stall: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    pub grace: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    pub deadline: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct NudgeArgs {
+    #[arg(long)]
+    pub agent: String,
+    pub text: Option<String>,
+    #[arg(long)]
+    pub from: Option<String>,
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[arg(long)]
+    pub agent: String,
+    #[arg(long, value_parser = dur)]
+    pub grace: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    pub wait: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long, value_parser = dur)]
+    pub poll: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    pub sweep_every: Option<Duration>,
+    #[arg(long)]
+    pub max_concurrent: Option<usize>,
+    #[arg(long, value_parser = dur)]
+    pub grace: Option<Duration>,
+    #[arg(long, value_parser = dur)]
+    pub stall: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub agent: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TurnsArgs {
+    #[arg(long)]
+    pub agent: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[arg(long)]
+    pub agent: Option<String>,
+    #[arg(long)]
+    pub turn: Option<String>,
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: i64,
+    #[arg(long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MailCmd {
+    /// Send a message; prints its id.
+    Send(MailSendArgs),
+    /// List messages, newest first.
+    List(MailListArgs),
+    /// Print an agent's pending mail and mark it read.
+    Check {
+        #[arg(long)]
+        agent: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct MailSendArgs {
+    #[arg(long)]
+    pub from: String,
+    #[arg(long)]
+    pub to: String,
+    #[arg(long = "type", default_value = "status")]
+    pub kind: String,
+    #[arg(long, default_value = "")]
+    pub subject: String,
+    #[arg(long, conflicts_with = "body_file")]
+    pub body: Option<String>,
+    #[arg(long)]
+    pub body_file: Option<PathBuf>,
+    #[arg(long, default_value = "normal")]
+    pub priority: String,
+    #[arg(long)]
+    pub payload: Option<String>,
+    #[arg(long)]
+    pub thread: Option<String>,
+    /// Send even to a completed or zombie recipient.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MailListArgs {
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long)]
+    pub from: Option<String>,
+    #[arg(long)]
+    pub unread: bool,
+    #[arg(long)]
+    pub dead: bool,
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
+}

@@ -1,0 +1,417 @@
+//! Configuration (SPEC §9): `<root>/config.toml`, `RUNNER_<SECTION>_<KEY>`
+//! environment variables, and flags, resolved with the precedence
+//! flag > environment > capability file > config.toml > built-in default.
+//!
+//! Owns parsing and validation; a bad value is one error naming the file or
+//! variable and the key. The capability layer only exists for
+//! `stall_timeout` and `permission_mode`, so those keep their file and
+//! environment values apart until a capability is known ([`Config::stall_for`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::clock::{parse_duration, parse_size};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {key}: {detail}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub key: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    turn: Option<RawTurn>,
+    retry: Option<RawRetry>,
+    sweep: Option<RawSweep>,
+    serve: Option<RawServe>,
+    runtime: Option<BTreeMap<String, RawRuntime>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTurn {
+    stall_timeout: Option<String>,
+    grace: Option<String>,
+    deadline: Option<String>,
+    leak_timeout: Option<String>,
+    max_line: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_tries: Option<u32>,
+    backoff_base: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSweep {
+    every: Option<String>,
+    ceiling: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServe {
+    poll: Option<String>,
+    max_concurrent: Option<usize>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    bin: Option<String>,
+    args: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    permission_mode: Option<String>,
+    unattended: Option<bool>,
+}
+
+/// Settings of one agent CLI.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub bin: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub unattended: bool,
+    /// From config.toml (the capability file beats it).
+    pub permission_mode_file: Option<String>,
+    /// From the environment (beats the capability file).
+    pub permission_mode_env: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub stall_timeout_file: Option<Duration>,
+    pub stall_timeout_env: Option<Duration>,
+    pub grace: Duration,
+    pub deadline: Duration,
+    pub leak_timeout: Duration,
+    pub max_line: usize,
+    pub max_tries: u32,
+    pub backoff_base: Duration,
+    pub sweep_every: Duration,
+    pub sweep_ceiling: Duration,
+    pub serve_poll: Duration,
+    pub serve_max_concurrent: usize,
+    pub claude: RuntimeConfig,
+    pub codex: RuntimeConfig,
+    pub gemini: RuntimeConfig,
+}
+
+pub const DEFAULT_STALL: Duration = Duration::from_secs(600);
+
+impl Default for Config {
+    fn default() -> Self {
+        let rt = |bin: &str| RuntimeConfig {
+            bin: bin.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            unattended: true,
+            permission_mode_file: None,
+            permission_mode_env: None,
+        };
+        Config {
+            stall_timeout_file: None,
+            stall_timeout_env: None,
+            grace: Duration::from_secs(5),
+            deadline: Duration::from_secs(2 * 3600),
+            leak_timeout: Duration::from_secs(1),
+            max_line: 16 << 20,
+            max_tries: 5,
+            backoff_base: Duration::from_secs(5),
+            sweep_every: Duration::from_secs(30),
+            sweep_ceiling: Duration::from_secs(30 * 60),
+            serve_poll: Duration::from_secs(2),
+            serve_max_concurrent: 4,
+            claude: rt("claude"),
+            codex: rt("codex"),
+            gemini: rt("gemini"),
+        }
+    }
+}
+
+fn err(source_name: &str, key: &str, detail: impl Into<String>) -> ConfigError {
+    ConfigError {
+        source_name: source_name.into(),
+        key: key.into(),
+        detail: detail.into(),
+    }
+}
+
+fn dur(src: &str, key: &str, v: &str) -> Result<Duration, ConfigError> {
+    parse_duration(v).map_err(|e| err(src, key, e))
+}
+
+impl Config {
+    /// Loads config.toml (if present) and the process environment.
+    pub fn load(root: &Path) -> Result<Config, ConfigError> {
+        let vars: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("RUNNER_"))
+            .collect();
+        let file = root.join("config.toml");
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(err(&file.display().to_string(), "(file)", e.to_string())),
+        };
+        Config::from_parts(text.as_deref(), &file.display().to_string(), &vars)
+    }
+
+    pub fn from_parts(
+        toml_text: Option<&str>,
+        file_name: &str,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        if let Some(text) = toml_text {
+            let raw: RawFile = toml::from_str(text).map_err(|e| {
+                let key = e.span().map(|s| text[s].to_string()).unwrap_or_default();
+                err(file_name, &key, e.message())
+            })?;
+            c.apply_file(raw, file_name)?;
+        }
+        c.apply_env(vars)?;
+        Ok(c)
+    }
+
+    fn apply_file(&mut self, raw: RawFile, f: &str) -> Result<(), ConfigError> {
+        if let Some(t) = raw.turn {
+            if let Some(v) = t.stall_timeout {
+                self.stall_timeout_file = Some(dur(f, "turn.stall_timeout", &v)?);
+            }
+            if let Some(v) = t.grace {
+                self.grace = dur(f, "turn.grace", &v)?;
+            }
+            if let Some(v) = t.deadline {
+                self.deadline = dur(f, "turn.deadline", &v)?;
+            }
+            if let Some(v) = t.leak_timeout {
+                self.leak_timeout = dur(f, "turn.leak_timeout", &v)?;
+            }
+            if let Some(v) = t.max_line {
+                self.max_line = parse_size(&v).map_err(|e| err(f, "turn.max_line", e))? as usize;
+            }
+        }
+        if let Some(r) = raw.retry {
+            if let Some(v) = r.max_tries {
+                if v == 0 {
+                    return Err(err(f, "retry.max_tries", "must be at least 1"));
+                }
+                self.max_tries = v;
+            }
+            if let Some(v) = r.backoff_base {
+                self.backoff_base = dur(f, "retry.backoff_base", &v)?;
+            }
+        }
+        if let Some(s) = raw.sweep {
+            if let Some(v) = s.every {
+                self.sweep_every = dur(f, "sweep.every", &v)?;
+            }
+            if let Some(v) = s.ceiling {
+                self.sweep_ceiling = dur(f, "sweep.ceiling", &v)?;
+            }
+        }
+        if let Some(s) = raw.serve {
+            if let Some(v) = s.poll {
+                self.serve_poll = dur(f, "serve.poll", &v)?;
+            }
+            if let Some(v) = s.max_concurrent {
+                if v == 0 {
+                    return Err(err(f, "serve.max_concurrent", "must be at least 1"));
+                }
+                self.serve_max_concurrent = v;
+            }
+        }
+        for (name, r) in raw.runtime.unwrap_or_default() {
+            let rc = match name.as_str() {
+                "claude" => &mut self.claude,
+                "codex" => &mut self.codex,
+                "gemini" => &mut self.gemini,
+                other => {
+                    return Err(err(
+                        f,
+                        &format!("runtime.{other}"),
+                        "unknown runtime (claude, codex, gemini)",
+                    ));
+                }
+            };
+            if let Some(v) = r.bin {
+                rc.bin = v;
+            }
+            if let Some(v) = r.args {
+                rc.args = v;
+            }
+            if let Some(v) = r.env {
+                rc.env = v;
+            }
+            if let Some(v) = r.unattended {
+                rc.unattended = v;
+            }
+            rc.permission_mode_file = r.permission_mode;
+        }
+        Ok(())
+    }
+
+    fn apply_env(&mut self, vars: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        for (k, v) in vars {
+            let src = format!("environment variable {k}");
+            let d = |key: &str| dur(&src, key, v);
+            match k.as_str() {
+                "RUNNER_TURN_STALL_TIMEOUT" => {
+                    self.stall_timeout_env = Some(d("turn.stall_timeout")?)
+                }
+                "RUNNER_TURN_GRACE" => self.grace = d("turn.grace")?,
+                "RUNNER_TURN_DEADLINE" => self.deadline = d("turn.deadline")?,
+                "RUNNER_TURN_LEAK_TIMEOUT" => self.leak_timeout = d("turn.leak_timeout")?,
+                "RUNNER_TURN_MAX_LINE" => {
+                    self.max_line =
+                        parse_size(v).map_err(|e| err(&src, "turn.max_line", e))? as usize
+                }
+                "RUNNER_RETRY_MAX_TRIES" => {
+                    self.max_tries = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        err(&src, "retry.max_tries", "expected a whole number ≥ 1")
+                    })?
+                }
+                "RUNNER_RETRY_BACKOFF_BASE" => self.backoff_base = d("retry.backoff_base")?,
+                "RUNNER_SWEEP_EVERY" => self.sweep_every = d("sweep.every")?,
+                "RUNNER_SWEEP_CEILING" => self.sweep_ceiling = d("sweep.ceiling")?,
+                "RUNNER_SERVE_POLL" => self.serve_poll = d("serve.poll")?,
+                "RUNNER_SERVE_MAX_CONCURRENT" => {
+                    self.serve_max_concurrent =
+                        v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                            err(&src, "serve.max_concurrent", "expected a whole number ≥ 1")
+                        })?
+                }
+                _ => {
+                    if let Some(rest) = k.strip_prefix("RUNNER_RUNTIME_") {
+                        self.apply_runtime_env(rest, v, &src)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_runtime_env(&mut self, rest: &str, v: &str, src: &str) -> Result<(), ConfigError> {
+        let (rt, key) = match rest.split_once('_') {
+            Some(p) => p,
+            None => return Ok(()),
+        };
+        let rc = match rt {
+            "CLAUDE" => &mut self.claude,
+            "CODEX" => &mut self.codex,
+            "GEMINI" => &mut self.gemini,
+            _ => return Ok(()),
+        };
+        match key {
+            "BIN" => rc.bin = v.to_string(),
+            "ARGS" => {
+                rc.args = serde_json::from_str(v)
+                    .map_err(|_| err(src, "args", "expected a JSON array of strings"))?
+            }
+            "ENV" => {
+                rc.env = serde_json::from_str(v)
+                    .map_err(|_| err(src, "env", "expected a JSON object of strings"))?
+            }
+            "PERMISSION_MODE" => rc.permission_mode_env = Some(v.to_string()),
+            "UNATTENDED" => {
+                rc.unattended = match v {
+                    "1" | "true" | "yes" => true,
+                    "0" | "false" | "no" => false,
+                    _ => return Err(err(src, "unattended", "expected true or false")),
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The stall timeout for a turn: flag > env > capability > file > default.
+    pub fn stall_for(&self, flag: Option<Duration>, capability: Option<Duration>) -> Duration {
+        flag.or(self.stall_timeout_env)
+            .or(capability)
+            .or(self.stall_timeout_file)
+            .unwrap_or(DEFAULT_STALL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn precedence() {
+        let file = "[turn]\nstall_timeout = \"1m\"\ngrace = \"2s\"\n";
+        let c = Config::from_parts(Some(file), "config.toml", &vars(&[])).unwrap();
+        assert_eq!(c.grace, Duration::from_secs(2));
+        assert_eq!(c.stall_for(None, None), Duration::from_secs(60));
+        assert_eq!(
+            c.stall_for(None, Some(Duration::from_secs(5))),
+            Duration::from_secs(5)
+        );
+        let c = Config::from_parts(
+            Some(file),
+            "config.toml",
+            &vars(&[("RUNNER_TURN_STALL_TIMEOUT", "30s")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.stall_for(None, Some(Duration::from_secs(5))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            c.stall_for(Some(Duration::from_millis(300)), None),
+            Duration::from_millis(300)
+        );
+        assert_eq!(Config::default().stall_for(None, None), DEFAULT_STALL);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::from_parts(Some("[turn]\ngrace = \"soon\"\n"), "c.toml", &vars(&[]))
+            .unwrap_err();
+        assert!(e.to_string().contains("turn.grace"), "{e}");
+        let e = Config::from_parts(
+            None,
+            "c.toml",
+            &vars(&[("RUNNER_SERVE_MAX_CONCURRENT", "many")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("RUNNER_SERVE_MAX_CONCURRENT"), "{e}");
+        let e = Config::from_parts(Some("[turn]\nbogus = 1\n"), "c.toml", &vars(&[])).unwrap_err();
+        assert!(e.to_string().contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn runtime_settings() {
+        let file = "[runtime.claude]\nbin = \"/opt/claude\"\nargs = [\"--x\"]\nenv = { IS_SANDBOX = \"1\" }\n";
+        let c = Config::from_parts(
+            Some(file),
+            "c",
+            &vars(&[("RUNNER_RUNTIME_CODEX_BIN", "/opt/codex")]),
+        )
+        .unwrap();
+        assert_eq!(c.claude.bin, "/opt/claude");
+        assert_eq!(c.claude.args, vec!["--x"]);
+        assert_eq!(
+            c.claude.env.get("IS_SANDBOX").map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(c.codex.bin, "/opt/codex");
+    }
+}

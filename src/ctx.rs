@@ -1,0 +1,41 @@
+//! What every command shares: the root, its configuration, and output flags.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::root::Root;
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub root: Root,
+    pub config: Config,
+    pub json: bool,
+}
+
+impl Ctx {
+    /// Prepares the root (absolute, created 0700) and loads the configuration.
+    pub fn new(root: &Path, json: bool) -> Result<Ctx> {
+        let abs: PathBuf = if root.is_absolute() {
+            root.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map_err(|e| {
+                    crate::error::usage(format!("cannot read the current directory: {e}"))
+                })?
+                .join(root)
+        };
+        let root = Root::prepare(&abs)?;
+        let config = Config::load(&root.dir)?;
+        Ok(Ctx { root, config, json })
+    }
+
+    pub fn store(&self) -> Result<Store> {
+        Ok(Store::open(&self.root.dir)?)
+    }
+
+    pub fn events(&self) -> Result<rusqlite::Connection> {
+        Ok(crate::store::events::open(&self.root.dir)?)
+    }
+}

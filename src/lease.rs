@@ -1,0 +1,185 @@
+//! The per-agent lease (SPEC §5): an exclusive `flock` on
+//! `agents/<agent>/turn.lock`, held for a whole turn (or a repair).
+//!
+//! The kernel frees the lock when its holder dies, so a lease is never stale
+//! and "is a turn running?" is answered by trying it. The JSON written into
+//! the file is advisory: it names the holder for humans, `stop` and the
+//! sweep; a free lease holding garbage is simply taken and rewritten.
+//! Invariant: the lock's descriptor is close-on-exec, so agents never
+//! inherit (and never keep) the lease. Non-goal: fairness between waiters.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::root::private_dir;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("{}", busy_message(.agent, .holder))]
+    Busy {
+        agent: String,
+        holder: Option<LeaseInfo>,
+    },
+    #[error("lease file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn busy_message(agent: &str, holder: &Option<LeaseInfo>) -> String {
+    match holder {
+        Some(h) => format!(
+            "agent {agent} is busy: turn {} (runner pid {}) since {}",
+            h.turn_id, h.runner_pid, h.acquired_at
+        ),
+        None => format!("agent {agent} is busy: its lease is held by another process"),
+    }
+}
+
+/// What the holder writes into the lease file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LeaseInfo {
+    pub turn_id: String,
+    pub runner_pid: i32,
+    pub runner_start_time: Option<u64>,
+    pub agent_pid: Option<i32>,
+    pub agent_start_time: Option<u64>,
+    pub host: String,
+    pub acquired_at: String,
+    pub deadline_at: Option<String>,
+    pub stall_timeout_ms: Option<u64>,
+}
+
+/// A held lease; dropping it releases the lock.
+#[derive(Debug)]
+pub struct Lease {
+    file: File,
+    path: PathBuf,
+}
+
+fn open_lock(path: &Path) -> Result<File, LeaseError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        private_dir(dir).map_err(|e| LeaseError::Io {
+            path: dir.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| LeaseError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })
+}
+
+impl Lease {
+    /// Takes the lease if it is free right now.
+    pub fn try_acquire(path: &Path) -> Result<Option<Lease>, LeaseError> {
+        let file = open_lock(path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Lease {
+                file,
+                path: path.to_path_buf(),
+            })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(LeaseError::Io {
+                path: path.display().to_string(),
+                source: e,
+            }),
+        }
+    }
+
+    /// Takes the lease, waiting up to `wait` (polling: a blocking lock could
+    /// not be given up). On timeout: `Busy` naming the holder.
+    pub async fn acquire(path: &Path, agent: &str, wait: Duration) -> Result<Lease, LeaseError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            if let Some(l) = Lease::try_acquire(path)? {
+                return Ok(l);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(LeaseError::Busy {
+                    agent: agent.to_string(),
+                    holder: read_info(path),
+                });
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Replaces the advisory content.
+    pub fn write_info(&mut self, info: &LeaseInfo) -> Result<(), LeaseError> {
+        let io = |e| LeaseError::Io {
+            path: self.path.display().to_string(),
+            source: e,
+        };
+        let text = serde_json::to_vec(info).unwrap_or_default();
+        self.file.set_len(0).map_err(io)?;
+        self.file.seek(SeekFrom::Start(0)).map_err(io)?;
+        self.file.write_all(&text).map_err(io)?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads the advisory content; `None` when absent or garbage.
+pub fn read_info(path: &Path) -> Option<LeaseInfo> {
+    let mut s = String::new();
+    File::open(path).ok()?.read_to_string(&mut s).ok()?;
+    serde_json::from_str(&s).ok()
+}
+
+/// Whether someone holds the lease now (a probe: takes and drops it).
+pub fn is_held(path: &Path) -> bool {
+    if !path.exists() {
+        return false;
+    }
+    matches!(Lease::try_acquire(path), Ok(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn exclusive_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/turn.lock");
+        let mut l = Lease::try_acquire(&p).unwrap().unwrap();
+        assert!(Lease::try_acquire(&p).unwrap().is_none());
+        assert!(is_held(&p));
+        l.write_info(&LeaseInfo {
+            turn_id: "t1".into(),
+            runner_pid: 7,
+            ..Default::default()
+        })
+        .unwrap();
+        let e = Lease::acquire(&p, "a", Duration::from_millis(30))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("turn t1 (runner pid 7)"), "{e}");
+        drop(l);
+        assert!(!is_held(&p));
+        std::fs::write(&p, "garbage").unwrap();
+        assert!(read_info(&p).is_none());
+        assert!(Lease::acquire(&p, "a", Duration::ZERO).await.is_ok());
+    }
+}

@@ -1,0 +1,283 @@
+//! The library functions behind the simple commands: `init`, `agent add`,
+//! `agent show`, `mail send|list|check`, `status`, `turns`, `events`.
+//! Each validates its input completely before writing anything (SPEC §10.2)
+//! and returns data for `report` to print.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::capability;
+use crate::clock;
+use crate::ctx::Ctx;
+use crate::error::{Result, usage};
+use crate::lease::{self, LeaseInfo};
+use crate::root::check_name;
+use crate::runtime::RUNTIMES;
+use crate::state::State;
+use crate::store::events::{self as ev, EventFilter, StoredEvent};
+use crate::store::mail::{self as mailstore, ListFilter, Message, NewMessage};
+use crate::store::schema::{MAIL_TYPES, PRIORITIES};
+use crate::store::sessions::{self, NewSession, Session};
+use crate::store::turns::{self, TurnRow};
+
+pub fn init(ctx: &Ctx) -> Result<PathBuf> {
+    ctx.store()?;
+    ctx.events()?;
+    Ok(ctx.root.dir.clone())
+}
+
+pub struct AddRequest {
+    pub name: String,
+    pub capability: String,
+    pub parent: Option<String>,
+    pub task: Option<String>,
+    pub worktree: Option<PathBuf>,
+    pub runtime: Option<String>,
+    pub model: Option<String>,
+    pub recover: bool,
+    pub command: Option<Vec<String>>,
+}
+
+pub fn agent_add(ctx: &Ctx, req: AddRequest) -> Result<Session> {
+    check_name(&req.name)?;
+    if let Some(p) = &req.parent {
+        check_name(p)?;
+    }
+    capability::load(&ctx.root.dir, &req.capability)?;
+    let mut command = req.command.clone();
+    if let Some(c) = command.as_mut()
+        && c.first().is_some_and(|a| a == "--")
+    {
+        c.remove(0);
+    }
+    let runtime = match (&req.runtime, &command) {
+        (Some(r), Some(_)) if r != "command" => {
+            return Err(usage(format!(
+                "--command implies --runtime command, not '{r}'"
+            )));
+        }
+        (_, Some(c)) if c.is_empty() => return Err(usage("--command needs a program")),
+        (_, Some(_)) => "command".to_string(),
+        (Some(r), None) if r == "command" => {
+            return Err(usage("--runtime command needs --command PROG [ARG...]"));
+        }
+        (Some(r), None) => r.clone(),
+        (None, None) => "claude".to_string(),
+    };
+    if !RUNTIMES.contains(&runtime.as_str()) {
+        return Err(usage(format!(
+            "unknown runtime '{runtime}'; use one of {}",
+            RUNTIMES.join(", ")
+        )));
+    }
+    let cwd = std::env::current_dir()
+        .map_err(|e| usage(format!("cannot read the current directory: {e}")))?;
+    let worktree = req
+        .worktree
+        .clone()
+        .map(|w| if w.is_absolute() { w } else { cwd.join(w) })
+        .unwrap_or(cwd);
+    if !worktree.is_dir() {
+        return Err(usage(format!(
+            "worktree {} is not a directory",
+            worktree.display()
+        )));
+    }
+    let store = ctx.store()?;
+    let depth = match &req.parent {
+        Some(p) => sessions::get(&store.conn, p)?
+            .map(|s| s.depth + 1)
+            .unwrap_or(1),
+        None => 0,
+    };
+    let ns = NewSession {
+        agent_name: req.name.clone(),
+        capability: req.capability.clone(),
+        worktree_path: worktree.display().to_string(),
+        task_id: req.task.clone().unwrap_or_default(),
+        parent_agent: req.parent.clone(),
+        depth,
+        runtime,
+        runtime_command: command,
+        model: req.model.clone(),
+        now: clock::now(),
+    };
+    match sessions::get(&store.conn, &req.name)? {
+        None if req.recover => {
+            return Err(usage(format!(
+                "agent {} does not exist; add it without --recover",
+                req.name
+            )));
+        }
+        None => sessions::insert(&store.conn, &ns)?,
+        Some(existing) if !req.recover => {
+            return Err(usage(format!(
+                "agent {} already exists (state {}); pick another name, or --recover a completed or zombie agent",
+                existing.agent_name, existing.state
+            )));
+        }
+        Some(existing) => {
+            if !sessions::recover(&store.conn, &ns)? {
+                return Err(usage(format!(
+                    "agent {} is {}: only a completed or zombie agent can be recovered",
+                    existing.agent_name, existing.state
+                )));
+            }
+        }
+    }
+    sessions::get(&store.conn, &req.name)?
+        .ok_or_else(|| crate::error::Error::Internal("agent vanished".into()))
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentView {
+    #[serde(flatten)]
+    pub session: Session,
+    pub running: Option<LeaseInfo>,
+    pub due_mail: i64,
+    pub pending_mail: i64,
+    pub last_turn: Option<TurnRow>,
+    pub cost_usd: f64,
+}
+
+pub fn agent_show(ctx: &Ctx, name: &str) -> Result<AgentView> {
+    check_name(name)?;
+    let store = ctx.store()?;
+    let s = sessions::get(&store.conn, name)?
+        .ok_or_else(|| usage(format!("unknown agent '{name}'; see runner status")))?;
+    view(ctx, &store, s)
+}
+
+fn view(ctx: &Ctx, store: &crate::store::Store, s: Session) -> Result<AgentView> {
+    let lock = ctx.root.lock_path(&s.agent_name);
+    let running = if lease::is_held(&lock) {
+        Some(lease::read_info(&lock).unwrap_or_default())
+    } else {
+        None
+    };
+    let now = clock::now();
+    let due = mailstore::due_count(&store.conn, &s.agent_name, &now)?;
+    let pending: i64 = store
+        .conn
+        .query_row(
+            "SELECT COUNT(*) FROM messages WHERE to_agent=?1 AND read=0 AND dead_at IS NULL",
+            [&s.agent_name],
+            |r| r.get(0),
+        )
+        .map_err(|e| crate::store::classify("counting mail", None, e))?;
+    Ok(AgentView {
+        running,
+        due_mail: due,
+        pending_mail: pending,
+        last_turn: turns::last_finished(&store.conn, &s.agent_name)?,
+        cost_usd: turns::total_cost(&store.conn, &s.agent_name)?,
+        session: s,
+    })
+}
+
+pub fn status(ctx: &Ctx, agent: Option<&str>) -> Result<Vec<AgentView>> {
+    let store = ctx.store()?;
+    let list = match agent {
+        Some(a) => {
+            check_name(a)?;
+            vec![
+                sessions::get(&store.conn, a)?
+                    .ok_or_else(|| usage(format!("unknown agent '{a}'")))?,
+            ]
+        }
+        None => sessions::list(&store.conn)?,
+    };
+    list.into_iter().map(|s| view(ctx, &store, s)).collect()
+}
+
+pub struct SendRequest {
+    pub from: String,
+    pub to: String,
+    pub kind: String,
+    pub subject: String,
+    pub body: String,
+    pub priority: String,
+    pub payload: Option<String>,
+    pub thread: Option<String>,
+    pub force: bool,
+}
+
+pub fn mail_send(ctx: &Ctx, req: SendRequest) -> Result<String> {
+    check_name(&req.from)?;
+    check_name(&req.to)?;
+    if !MAIL_TYPES.contains(&req.kind.as_str()) {
+        return Err(usage(format!(
+            "unknown mail type '{}'; use one of {}",
+            req.kind,
+            MAIL_TYPES.join(", ")
+        )));
+    }
+    if !PRIORITIES.contains(&req.priority.as_str()) {
+        return Err(usage(format!(
+            "unknown priority '{}'; use one of {}",
+            req.priority,
+            PRIORITIES.join(", ")
+        )));
+    }
+    if let Some(p) = &req.payload
+        && let Err(e) = serde_json::from_str::<serde_json::Value>(p)
+    {
+        return Err(usage(format!("--payload is not valid JSON: {e}")));
+    }
+    let store = ctx.store()?;
+    if !req.force
+        && let Some(s) = sessions::get(&store.conn, &req.to)?
+        && s.state().is_some_and(State::is_finished)
+    {
+        return Err(usage(format!(
+            "agent {} is {}: it will not read mail (use --force to send anyway)",
+            req.to, s.state
+        )));
+    }
+    let turn_id = std::env::var("RUNNER_TURN_ID")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let m = NewMessage {
+        from_agent: req.from,
+        to_agent: req.to,
+        subject: req.subject,
+        body: req.body,
+        kind: req.kind,
+        priority: req.priority,
+        thread_id: req.thread,
+        payload: req.payload,
+        turn_id,
+    };
+    Ok(mailstore::insert(&store.conn, &m, &clock::now())?)
+}
+
+pub fn mail_list(ctx: &Ctx, f: ListFilter) -> Result<Vec<Message>> {
+    for n in [&f.to, &f.from].into_iter().flatten() {
+        check_name(n)?;
+    }
+    let store = ctx.store()?;
+    Ok(mailstore::list(&store.conn, &f)?)
+}
+
+pub fn mail_check(ctx: &Ctx, agent: &str) -> Result<Vec<Message>> {
+    check_name(agent)?;
+    let store = ctx.store()?;
+    Ok(mailstore::check(&store.conn, agent, &clock::now())?)
+}
+
+pub fn turns(ctx: &Ctx, agent: Option<&str>, limit: i64) -> Result<Vec<TurnRow>> {
+    if let Some(a) = agent {
+        check_name(a)?;
+    }
+    let store = ctx.store()?;
+    Ok(turns::list(&store.conn, agent, limit.max(0))?)
+}
+
+pub fn events(ctx: &Ctx, f: &EventFilter) -> Result<Vec<StoredEvent>> {
+    if let Some(a) = &f.agent {
+        check_name(a)?;
+    }
+    let conn = ctx.events()?;
+    Ok(ev::list(&conn, f)?)
+}

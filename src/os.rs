@@ -1,0 +1,323 @@
+//! Every operating-system call that is not plain file I/O.
+//!
+//! Owns `/proc` reading (process state, parent, group, start time,
+//! environment), signals by pid and by group, reaping, the child-subreaper
+//! bit, sessions for the fake agent's grandchildren, and randomness. This is
+//! the only module with `unsafe`. Invariants: a zombie (`Z`) or a pid whose
+//! start time changed counts as dead (LESSONS 6); signalling a process that is
+//! already gone is not an error. Non-goal: portability beyond Linux.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+
+use nix::sys::signal::{self, Signal};
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+
+pub use nix::sys::signal::Signal as Sig;
+
+/// What `/proc/<pid>/stat` says about a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: i32,
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub session: i32,
+    /// Start time in clock ticks since boot (field 22).
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Reads `/proc/<pid>/stat`; `None` when the process does not exist.
+pub fn proc_stat(pid: i32) -> Option<ProcStat> {
+    if pid <= 0 {
+        return None;
+    }
+    let mut buf = [0u8; 1024];
+    let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let n = f.read(&mut buf).ok()?;
+    parse_stat(pid, &buf[..n])
+}
+
+fn parse_stat(pid: i32, raw: &[u8]) -> Option<ProcStat> {
+    // The command name is in parentheses and may itself hold spaces or ')'.
+    let close = raw.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(raw.get(close + 2..)?).ok()?;
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // rest starts at field 3 (state): index 0 = field 3.
+    Some(ProcStat {
+        pid,
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        session: f.get(3)?.parse().ok()?,
+        start_time: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// The start time of a live process, `None` when it is gone or a zombie.
+pub fn start_time(pid: i32) -> Option<u64> {
+    proc_stat(pid)
+        .filter(|s| !s.is_zombie())
+        .map(|s| s.start_time)
+}
+
+/// Alive means: exists, is not a zombie, and (when given) has the recorded
+/// start time, so a reused pid is not mistaken for the old process.
+pub fn is_alive(pid: i32, expected_start: Option<u64>) -> bool {
+    match proc_stat(pid) {
+        Some(s) if !s.is_zombie() => expected_start.is_none_or(|t| t == s.start_time),
+        _ => false,
+    }
+}
+
+/// Every pid in `/proc`.
+pub fn all_pids() -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .collect()
+}
+
+/// True when `/proc/<pid>/environ` holds exactly `needle` (`KEY=value`).
+pub fn environ_contains(pid: i32, needle: &[u8]) -> bool {
+    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    env.split(|&b| b == 0).any(|kv| kv == needle)
+}
+
+/// How to recognise the processes of one turn.
+#[derive(Debug, Clone)]
+pub struct TurnProcs {
+    /// The agent process (the leader of its own process group).
+    pub agent_pid: Option<i32>,
+    /// Its start time, to defeat pid reuse.
+    pub agent_start: Option<u64>,
+    /// `RUNNER_TURN_ID=<id>` as it appears in the environment.
+    pub env_tag: Vec<u8>,
+}
+
+impl TurnProcs {
+    pub fn new(turn_id: &str, agent_pid: Option<i32>, agent_start: Option<u64>) -> Self {
+        TurnProcs {
+            agent_pid,
+            agent_start,
+            env_tag: format!("RUNNER_TURN_ID={turn_id}").into_bytes(),
+        }
+    }
+
+    /// The live (non-zombie) processes of the turn: the agent, its process
+    /// group, every descendant wherever it moved, and every process whose
+    /// environment carries the turn id. Never includes the caller itself.
+    pub fn live(&self) -> Vec<i32> {
+        let me = std::process::id() as i32;
+        let stats: Vec<ProcStat> = all_pids().into_iter().filter_map(proc_stat).collect();
+        let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+        for s in &stats {
+            children.entry(s.ppid).or_default().push(s.pid);
+        }
+        let agent = self.agent_pid.filter(|&p| {
+            stats
+                .iter()
+                .any(|s| s.pid == p && self.agent_start.is_none_or(|t| t == s.start_time))
+        });
+        let mut found: HashSet<i32> = HashSet::new();
+        let mut stack: Vec<i32> = Vec::new();
+        for s in &stats {
+            if s.pid == me || s.pid <= 2 || s.ppid == 2 {
+                continue; // ourselves, init, kernel threads
+            }
+            let in_group = agent.is_some_and(|a| s.pgrp == a);
+            if Some(s.pid) == agent || in_group || environ_contains(s.pid, &self.env_tag) {
+                stack.push(s.pid);
+            }
+        }
+        while let Some(p) = stack.pop() {
+            if p == me || !found.insert(p) {
+                continue;
+            }
+            if let Some(kids) = children.get(&p) {
+                stack.extend(kids.iter().copied());
+            }
+        }
+        stats
+            .iter()
+            .filter(|s| found.contains(&s.pid) && !s.is_zombie())
+            .map(|s| s.pid)
+            .collect()
+    }
+}
+
+/// Sends `sig` to one pid; a process that is already gone is not an error.
+pub fn signal_pid(pid: i32, sig: Signal) -> bool {
+    pid > 0 && signal::kill(Pid::from_raw(pid), sig).is_ok()
+}
+
+/// Sends `sig` to a process group; a group that is already gone is not an error.
+pub fn signal_group(pgid: i32, sig: Signal) -> bool {
+    pgid > 1 && signal::killpg(Pid::from_raw(pgid), sig).is_ok()
+}
+
+/// Reaps `pid` if it is a zombie child of ours; never blocks.
+pub fn reap(pid: i32) {
+    let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+}
+
+/// Reaps zombie children of this process that nobody else waits for
+/// (descendants re-parented to us as subreaper). `owned` are the pids that
+/// tokio waits for: never stolen from it.
+pub fn reap_orphans(owned: &HashSet<i32>) {
+    let me = std::process::id() as i32;
+    for pid in all_pids() {
+        if owned.contains(&pid) {
+            continue;
+        }
+        if let Some(s) = proc_stat(pid)
+            && s.ppid == me
+            && s.is_zombie()
+        {
+            reap(pid);
+        }
+    }
+}
+
+/// Makes this process a child subreaper, so orphaned descendants of its
+/// agents re-parent to it instead of init (SPEC §6.7).
+pub fn become_subreaper() -> bool {
+    nix::sys::prctl::set_child_subreaper(true).is_ok()
+}
+
+/// Runs `cmd` in a new session (`setsid`), as the agent CLIs do with their
+/// tool commands. Used by the fake agent.
+pub fn spawn_in_new_session(
+    cmd: &mut std::process::Command,
+) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Ignores SIGTERM in this process (fake agent scenario).
+pub fn ignore_sigterm() {
+    // SAFETY: installing SIG_IGN has no handler code to be unsafe about.
+    unsafe {
+        let _ = signal::signal(Signal::SIGTERM, signal::SigHandler::SigIgn);
+    }
+}
+
+/// Kills this process with `sig` (fake agent scenario: "exit by a signal").
+pub fn raise(sig: Signal) {
+    let _ = signal::kill(Pid::this(), sig);
+}
+
+/// Parses a signal name or number (`TERM`, `SIGKILL`, `9`).
+pub fn parse_signal(s: &str) -> Option<Signal> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let up = s.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    name.parse().ok()
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `n` random bytes from the kernel.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut buf);
+    }
+    buf
+}
+
+/// A random version-4 UUID, lower-case, hyphenated.
+pub fn uuid_v4() -> String {
+    let mut b: [u8; 16] = random_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// `n` random characters from `[a-z0-9]`.
+pub fn random_alnum(n: usize) -> String {
+    const ALPHA: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let bytes: [u8; 32] = random_bytes();
+    // 256 % 36 = 4: rejection-free but slightly biased; fine for ids, and the
+    // store's primary key catches the (astronomically rare) collision.
+    bytes
+        .iter()
+        .take(n)
+        .map(|b| ALPHA[(*b as usize) % 36] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_odd_command_names() {
+        let raw = b"123 (a) b) c) S 1 123 123 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 98765 0 0";
+        let s = parse_stat(123, raw).unwrap();
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 1);
+        assert_eq!(s.pgrp, 123);
+        assert_eq!(s.start_time, 98765);
+    }
+
+    #[test]
+    fn self_is_alive_with_its_start_time() {
+        let me = std::process::id() as i32;
+        let t = start_time(me).unwrap();
+        assert!(is_alive(me, Some(t)));
+        assert!(!is_alive(me, Some(t + 1)));
+    }
+
+    #[test]
+    fn ids() {
+        let u = uuid_v4();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        let a = random_alnum(12);
+        assert_eq!(a.len(), 12);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
+        assert_eq!(parse_signal("TERM"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("9"), Some(Signal::SIGKILL));
+    }
+}

@@ -1,0 +1,165 @@
+//! Runtimes (SPEC §8): how one agent CLI is spawned, fed, read and stopped.
+//!
+//! Each runtime is one module behind [`Runtime`]: argv for first and later
+//! turns, what goes to stdin and when it closes, a [`Parser`] mapping its
+//! NDJSON lines onto overstory's event types, the end-of-turn verdict, the
+//! graceful stop, and how it says "unknown resume". Nothing runtime-specific
+//! lives outside these modules. Invariant: parsers never panic on any JSON
+//! object and keep bounded state.
+
+pub mod claude;
+pub mod codex;
+pub mod command;
+pub mod gemini;
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::capability::Capability;
+use crate::config::Config;
+use crate::os::Sig;
+use crate::store::events::EventRow;
+use crate::store::sessions::Session;
+
+/// What one line told us, beyond its rows.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LineFacts {
+    /// A JSON object with a string `type` (set by the stream, not the parser).
+    pub valid: bool,
+    pub malformed: bool,
+    /// The line only reports the CLI retrying its model API: it does not reset the stall timer.
+    pub retry_only: bool,
+    pub session_id: Option<String>,
+    /// `Some(clean)` on an end-of-turn line.
+    pub end_of_turn: Option<bool>,
+    /// New stall allowance (ms) after this line: the longest declared tool
+    /// timeout still in flight, 0 when none is.
+    pub tool_allowance_ms: Option<u64>,
+}
+
+/// Usage and result of a turn, from its end-of-turn line.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ResultInfo {
+    pub cost_usd: Option<f64>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub num_turns: Option<i64>,
+    pub result_text: Option<String>,
+}
+
+/// Maps lines of one turn to event rows. Rows with an empty `data` get the
+/// line itself (bounded) as data.
+pub trait Parser: Send {
+    fn line(&mut self, kind: &str, obj: &Map<String, Value>, rows: &mut Vec<EventRow>)
+    -> LineFacts;
+    /// The result of the turn so far (called after an end-of-turn line).
+    fn result(&self) -> ResultInfo;
+}
+
+/// How stdin is handled after the user turn is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdinPolicy {
+    /// Closed right after the user turn.
+    CloseAfterWrite,
+    /// Kept open (for an interrupt) until the end-of-turn line.
+    KeepUntilEndOfTurn,
+}
+
+/// The first escalation step before signals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Graceful {
+    None,
+    /// Write this line to stdin (claude's interrupt `control_request`).
+    StdinLine(Vec<u8>),
+    /// Send this signal to the agent process (codex: SIGINT).
+    Signal(Sig),
+}
+
+/// What a turn needs to build its command.
+pub struct TurnInput<'a> {
+    pub session: &'a Session,
+    pub capability: &'a Capability,
+    pub config: &'a Config,
+    /// The user turn.
+    pub text: &'a str,
+    /// The id to resume (an id the CLI itself reported earlier), if any.
+    pub resume_id: Option<&'a str>,
+    /// A fresh id the runner pre-assigns on a first turn (claude, gemini).
+    pub new_session_id: &'a str,
+}
+
+/// The program to start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpawnSpec {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+pub trait Runtime: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn spawn_spec(&self, input: &TurnInput<'_>) -> Result<SpawnSpec, String>;
+    fn stdin_bytes(&self, input: &TurnInput<'_>) -> Vec<u8>;
+    fn stdin_policy(&self) -> StdinPolicy;
+    fn parser(&self) -> Box<dyn Parser>;
+    fn graceful_stop(&self) -> Graceful;
+    /// When the CLI did not know the session it was asked to resume: its message.
+    fn unknown_resume(
+        &self,
+        stderr_tail: &str,
+        exit_code: Option<i32>,
+        result_text: Option<&str>,
+    ) -> Option<String>;
+}
+
+/// The runtime of a session.
+pub fn for_session(s: &Session) -> Result<Box<dyn Runtime>, String> {
+    match s.runtime.as_str() {
+        "claude" => Ok(Box::new(claude::Claude)),
+        "codex" => Ok(Box::new(codex::Codex)),
+        "gemini" => Ok(Box::new(gemini::Gemini)),
+        "command" => Ok(Box::new(command::Command)),
+        other => Err(format!(
+            "unknown runtime '{other}' (claude, codex, gemini, command)"
+        )),
+    }
+}
+
+pub const RUNTIMES: [&str; 4] = ["claude", "codex", "gemini", "command"];
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// `obj[key]` as a string.
+pub fn str_of<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    obj.get(key).and_then(Value::as_str)
+}
+
+/// The instructions go before the user text on a session's first turn, for
+/// runtimes without a system-prompt flag.
+pub fn with_instructions(input: &TurnInput<'_>) -> String {
+    if input.resume_id.is_none() && !input.capability.instructions.is_empty() {
+        format!("{}\n\n---\n\n{}", input.capability.instructions, input.text)
+    } else {
+        input.text.to_string()
+    }
+}
+
+/// A row with the defaults every runtime uses.
+pub fn row(event_type: &'static str, level: &'static str) -> EventRow {
+    EventRow {
+        event_type,
+        level,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,306 @@
+//! `runner serve` (the mail injector) and `runner nudge` (SPEC §10).
+//!
+//! Serve runs a turn for every agent with due mail and a free lease, at most
+//! N at once and one per agent, in-process; sweeps every `--sweep-every`;
+//! backs off agents whose turns are `refused`/`spawn_failed` (5 s doubling
+//! to 10 min); on SIGINT/SIGTERM stops scheduling and interrupts in-flight
+//! turns (their mail goes back to pending with no retry count), exiting
+//! within grace + 1 s; a second signal kills them at once. Scheduling only
+//! decides; the turn and the lease guarantee one turn per agent even against
+//! a manual `runner turn`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::clock;
+use crate::ctx::Ctx;
+use crate::error::{Result, usage};
+use crate::lease;
+use crate::root::check_name;
+use crate::state::State;
+use crate::store::mail::{self as mailstore, NewMessage};
+use crate::store::sessions;
+use crate::turn::{self, AbortRequest, TurnRequest, TurnSummary};
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub poll: Duration,
+    pub sweep_every: Duration,
+    pub max_concurrent: usize,
+    pub grace: Duration,
+    pub stall: Option<Duration>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ServeReport {
+    pub turns: u64,
+    pub by_outcome: HashMap<String, u64>,
+    pub sweeps: u64,
+    pub interrupted: u64,
+}
+
+/// Per-agent backoff after configuration failures.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Instant,
+    next: Duration,
+}
+
+const BACKOFF_START: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(600);
+
+/// Waits for SIGINT/SIGTERM; returns a receiver counting signals.
+pub fn signal_counter() -> watch::Receiver<u32> {
+    let (tx, rx) = watch::channel(0u32);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    rx
+}
+
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    opts: ServeOptions,
+    mut signals: watch::Receiver<u32>,
+) -> Result<ServeReport> {
+    let mut rep = ServeReport::default();
+    let mut running: HashMap<String, watch::Sender<AbortRequest>> = HashMap::new();
+    let mut backoff: HashMap<String, Backoff> = HashMap::new();
+    let mut set: JoinSet<(String, Result<TurnSummary>, Duration, usize)> = JoinSet::new();
+    let mut next_sweep = Instant::now();
+    let mut shutting_down = false;
+    loop {
+        let now = Instant::now();
+        if !shutting_down {
+            if now >= next_sweep {
+                let c = ctx.clone();
+                match tokio::task::spawn_blocking(move || crate::sweep::sweep(&c, false)).await {
+                    Ok(Ok(r)) => {
+                        rep.sweeps += 1;
+                        if r.errors > 0 {
+                            tracing::warn!("sweep: {} error(s): {:?}", r.errors, r.error_messages);
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!("sweep failed: {e}"),
+                    Err(e) => tracing::warn!("sweep panicked: {e}"),
+                }
+                next_sweep = Instant::now() + opts.sweep_every;
+            }
+            if let Err(e) = schedule(&ctx, &opts, &mut running, &backoff, &mut set) {
+                tracing::warn!("scheduling: {e}");
+            }
+        }
+        if shutting_down && set.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(done) = set.join_next(), if !set.is_empty() => {
+                if let Ok((agent, res, took, mail)) = done {
+                    running.remove(&agent);
+                    rep.turns += 1;
+                    match res {
+                        Ok(s) => {
+                            let o = s.outcome.unwrap_or("nothing");
+                            *rep.by_outcome.entry(o.to_string()).or_default() += 1;
+                            if o == "interrupted" { rep.interrupted += 1; }
+                            tracing::info!("turn {agent}: {o} in {} with {mail} mail{}", clock::human_duration(took),
+                                s.turn.as_ref().and_then(|t| t.reason.clone()).map(|r| format!(" ({r})")).unwrap_or_default());
+                            eprintln!("{} {agent} {o} {} mail={mail}", clock::now(), clock::human_duration(took));
+                            if matches!(o, "refused" | "spawn_failed") {
+                                let b = backoff.get(&agent).map(|b| (b.next * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_START);
+                                backoff.insert(agent.clone(), Backoff { until: Instant::now() + b, next: b });
+                            } else if s.turn.is_some() {
+                                backoff.remove(&agent);
+                            }
+                        }
+                        Err(e) => {
+                            if !turn::is_busy(&e) {
+                                tracing::warn!("turn {agent}: {e}");
+                                eprintln!("{} {agent} error: {e}", clock::now());
+                            }
+                        }
+                    }
+                }
+            }
+            r = signals.changed() => {
+                if r.is_err() { continue; }
+                let n = *signals.borrow_and_update();
+                let req = if n >= 2 { AbortRequest::Kill } else { AbortRequest::Graceful };
+                if !shutting_down {
+                    eprintln!("{} serve: shutting down; interrupting {} turn(s)", clock::now(), running.len());
+                }
+                shutting_down = true;
+                for tx in running.values() {
+                    let _ = tx.send(req);
+                }
+            }
+            _ = tokio::time::sleep(opts.poll), if !shutting_down => {}
+        }
+    }
+    Ok(rep)
+}
+
+fn schedule(
+    ctx: &Arc<Ctx>,
+    opts: &ServeOptions,
+    running: &mut HashMap<String, watch::Sender<AbortRequest>>,
+    backoff: &HashMap<String, Backoff>,
+    set: &mut JoinSet<(String, Result<TurnSummary>, Duration, usize)>,
+) -> Result<()> {
+    if running.len() >= opts.max_concurrent {
+        return Ok(());
+    }
+    let store = ctx.store()?;
+    let now = Instant::now();
+    for agent in mailstore::agents_with_due(&store.conn, &clock::now())? {
+        if running.len() >= opts.max_concurrent {
+            break;
+        }
+        if running.contains_key(&agent) || backoff.get(&agent).is_some_and(|b| now < b.until) {
+            continue;
+        }
+        let Some(s) = sessions::get(&store.conn, &agent)? else {
+            continue;
+        };
+        if s.state().is_some_and(State::is_finished) || lease::is_held(&ctx.root.lock_path(&agent))
+        {
+            continue;
+        }
+        let (tx, rx) = watch::channel(AbortRequest::None);
+        running.insert(agent.clone(), tx);
+        let c = ctx.clone();
+        let req = TurnRequest {
+            agent: agent.clone(),
+            wait: Duration::ZERO,
+            stall: opts.stall,
+            grace: Some(opts.grace),
+            ..Default::default()
+        };
+        set.spawn(async move {
+            let t0 = Instant::now();
+            let r = turn::run(&c, req, rx).await;
+            let mail = r
+                .as_ref()
+                .ok()
+                .and_then(|s| s.turn.as_ref())
+                .map(|t| t.mail_ids.len())
+                .unwrap_or(0);
+            (agent, r, t0.elapsed(), mail)
+        });
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct NudgeReport {
+    pub agent: String,
+    pub stored: Option<String>,
+    pub debounced: bool,
+    pub queued: bool,
+    pub turn: Option<TurnSummary>,
+    pub message: String,
+}
+
+pub const DEFAULT_NUDGE: &str = "Check your mail inbox for new messages.";
+pub const DEBOUNCE: Duration = Duration::from_millis(500);
+
+pub async fn nudge(
+    ctx: &Ctx,
+    agent: &str,
+    text: Option<String>,
+    from: Option<String>,
+    force: bool,
+) -> Result<NudgeReport> {
+    check_name(agent)?;
+    let from = from.unwrap_or_else(|| "orchestrator".into());
+    check_name(&from)?;
+    let store = ctx.store()?;
+    let s = sessions::get(&store.conn, agent)?
+        .ok_or_else(|| usage(format!("unknown agent '{agent}'; register it first: runner agent add {agent} --capability builder")))?;
+    if s.state().is_some_and(State::is_finished) {
+        return Err(usage(format!(
+            "agent {agent} is {}; nudges are not delivered to it (use --recover)",
+            s.state
+        )));
+    }
+    let mut rep = NudgeReport {
+        agent: agent.into(),
+        stored: None,
+        debounced: false,
+        queued: false,
+        turn: None,
+        message: String::new(),
+    };
+    if !force
+        && let Some(last) =
+            mailstore::last_nudge_at(&store.conn, agent)?.and_then(|t| clock::parse_ts(&t))
+        && std::time::SystemTime::now()
+            .duration_since(last)
+            .is_ok_and(|d| d < DEBOUNCE)
+    {
+        rep.debounced = true;
+        rep.message = format!(
+            "nudge to {agent} debounced: the last one is under 500 ms old (--force to send anyway)"
+        );
+        return Ok(rep);
+    }
+    let m = NewMessage {
+        from_agent: from,
+        to_agent: agent.into(),
+        subject: "nudge".into(),
+        body: text.unwrap_or_else(|| DEFAULT_NUDGE.into()),
+        kind: "status".into(),
+        priority: "normal".into(),
+        thread_id: None,
+        payload: Some(r#"{"kind":"nudge"}"#.into()),
+        turn_id: std::env::var("RUNNER_TURN_ID")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    rep.stored = Some(mailstore::insert(&store.conn, &m, &clock::now())?);
+    drop(store);
+    if lease::is_held(&ctx.root.lock_path(agent)) {
+        rep.queued = true;
+        rep.message =
+            format!("a turn of {agent} is in flight; the nudge is queued for its next turn");
+        return Ok(rep);
+    }
+    let (_tx, rx) = watch::channel(AbortRequest::None);
+    let req = TurnRequest {
+        agent: agent.into(),
+        wait: Duration::ZERO,
+        ..Default::default()
+    };
+    match turn::run(ctx, req, rx).await {
+        Ok(t) => {
+            rep.message = t.message.clone();
+            rep.turn = Some(t);
+        }
+        Err(e) if turn::is_busy(&e) => {
+            rep.queued = true;
+            rep.message =
+                format!("a turn of {agent} is in flight; the nudge is queued for its next turn");
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(rep)
+}

@@ -1,0 +1,246 @@
+//! `events.db`: the event writer and event queries.
+//!
+//! The writer is one thread owning one connection. It receives batches of
+//! rows over a bounded channel and commits when it has written 512 rows or
+//! when nothing more is waiting, so a row is committed well within 100 ms
+//! of arrival and a flood is written in large transactions. A full channel
+//! slows the sender; nothing is dropped. Each stdout line's rows arrive in
+//! one batch, so a line is either wholly in `events` or not at all — the
+//! sweep relies on `line_no` to replay exactly the missing lines.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+use serde::Serialize;
+
+use super::{Ctx, Result, StoreError, immediate, open_conn, schema};
+
+/// One row for `events`, without the columns common to a turn.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventRow {
+    pub event_type: &'static str,
+    pub level: &'static str,
+    pub tool_name: Option<String>,
+    pub tool_args: Option<String>,
+    pub tool_duration_ms: Option<i64>,
+    pub data: String,
+    pub line_no: Option<i64>,
+}
+
+/// What every row of one turn shares.
+#[derive(Debug, Clone)]
+pub struct TurnTag {
+    pub run_id: Option<String>,
+    pub agent_name: String,
+    pub turn_id: String,
+}
+
+/// A batch: rows with their timestamp and the session id known then.
+#[derive(Debug)]
+pub struct Batch {
+    pub created_at: String,
+    pub session_id: Option<String>,
+    pub rows: Vec<EventRow>,
+}
+
+pub fn open(root: &Path) -> Result<Connection> {
+    let path = root.join("events.db");
+    let mut conn = open_conn(&path)?;
+    schema::migrate_events(&mut conn, &path)?;
+    Ok(conn)
+}
+
+const INSERT: &str = "INSERT INTO events (run_id, agent_name, session_id, event_type, tool_name, tool_args, \
+    tool_duration_ms, level, data, created_at, turn_id, line_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+/// Writes rows directly (small writes: turn_start, turn_end, replays).
+pub fn insert_rows(conn: &mut Connection, tag: &TurnTag, batch: &Batch) -> Result<usize> {
+    immediate(conn, "writing events", |tx| write_batch(tx, tag, batch))
+}
+
+fn write_batch(conn: &Connection, tag: &TurnTag, b: &Batch) -> Result<usize> {
+    let mut st = conn.prepare_cached(INSERT).ctx("writing events")?;
+    for r in &b.rows {
+        st.execute(params![
+            tag.run_id,
+            tag.agent_name,
+            b.session_id,
+            r.event_type,
+            r.tool_name,
+            r.tool_args,
+            r.tool_duration_ms,
+            r.level,
+            r.data,
+            b.created_at,
+            tag.turn_id,
+            r.line_no
+        ])
+        .ctx("writing events")?;
+    }
+    Ok(b.rows.len())
+}
+
+/// Handle to the writer thread.
+pub struct Writer {
+    tx: Option<SyncSender<Batch>>,
+    handle: Option<std::thread::JoinHandle<Result<u64>>>,
+}
+
+/// Rows committed in one transaction at most (SPEC §6.1: every 512 events).
+pub const MAX_ROWS_PER_COMMIT: usize = 512;
+
+impl Writer {
+    /// Starts the writer on its own connection to `<root>/events.db`.
+    pub fn start(root: PathBuf, tag: TurnTag) -> Result<Writer> {
+        let conn = open(&root)?;
+        let (tx, rx) = sync_channel::<Batch>(256);
+        let handle = std::thread::Builder::new()
+            .name(format!("events-{}", tag.agent_name))
+            .spawn(move || run_writer(conn, tag, rx))
+            .map_err(|e| StoreError::Io {
+                path: "events writer thread".into(),
+                source: e,
+            })?;
+        Ok(Writer {
+            tx: Some(tx),
+            handle: Some(handle),
+        })
+    }
+
+    /// Queues a batch; blocks (the sender, never dropping) when the queue is full.
+    pub fn send(&self, batch: Batch) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        match tx.try_send(batch) {
+            Ok(()) => true,
+            Err(TrySendError::Full(b)) => tokio::task::block_in_place(|| tx.send(b).is_ok()),
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// A sender usable from another task.
+    pub fn sender(&self) -> Option<SyncSender<Batch>> {
+        self.tx.clone()
+    }
+
+    /// Closes the queue, waits for the last commit, returns rows written.
+    pub fn finish(mut self) -> Result<u64> {
+        self.tx.take();
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(StoreError::Io {
+                path: "events writer".into(),
+                source: std::io::Error::other("the events writer thread panicked"),
+            }),
+            None => Ok(0),
+        }
+    }
+}
+
+fn run_writer(mut conn: Connection, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
+    let mut total = 0u64;
+    // Wait for the first batch of a transaction, then write whatever else is
+    // already queued, up to the row cap, and commit.
+    while let Ok(first) = rx.recv() {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .ctx("writing events")?;
+        let mut rows = write_batch(&tx, &tag, &first)?;
+        while rows < MAX_ROWS_PER_COMMIT {
+            match rx.recv_timeout(Duration::ZERO) {
+                Ok(b) => rows += write_batch(&tx, &tag, &b)?,
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        tx.commit().ctx("committing events")?;
+        total += rows as u64;
+    }
+    Ok(total)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub run_id: Option<String>,
+    pub agent_name: String,
+    pub session_id: Option<String>,
+    pub event_type: String,
+    pub tool_name: Option<String>,
+    pub tool_args: Option<String>,
+    pub tool_duration_ms: Option<i64>,
+    pub level: String,
+    pub data: Option<String>,
+    pub created_at: String,
+    pub turn_id: Option<String>,
+    pub line_no: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub agent: Option<String>,
+    pub turn: Option<String>,
+    pub event_type: Option<String>,
+    pub after_id: i64,
+    pub limit: i64,
+}
+
+/// Events oldest first (the newest `limit` when no `after_id` is given).
+pub fn list(conn: &Connection, f: &EventFilter) -> Result<Vec<StoredEvent>> {
+    let sql = "SELECT * FROM (SELECT id, run_id, agent_name, session_id, event_type, tool_name, tool_args, \
+        tool_duration_ms, level, data, created_at, turn_id, line_no FROM events \
+        WHERE (?1 IS NULL OR agent_name=?1) AND (?2 IS NULL OR turn_id=?2) AND (?3 IS NULL OR event_type=?3) \
+        AND id > ?4 ORDER BY id DESC LIMIT ?5) ORDER BY id";
+    let sql_follow = "SELECT id, run_id, agent_name, session_id, event_type, tool_name, tool_args, \
+        tool_duration_ms, level, data, created_at, turn_id, line_no FROM events \
+        WHERE (?1 IS NULL OR agent_name=?1) AND (?2 IS NULL OR turn_id=?2) AND (?3 IS NULL OR event_type=?3) \
+        AND id > ?4 ORDER BY id LIMIT ?5";
+    let mut st = conn
+        .prepare_cached(if f.after_id > 0 { sql_follow } else { sql })
+        .ctx("reading events")?;
+    let rows = st
+        .query_map(
+            params![f.agent, f.turn, f.event_type, f.after_id, f.limit],
+            |r| {
+                Ok(StoredEvent {
+                    id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    agent_name: r.get(2)?,
+                    session_id: r.get(3)?,
+                    event_type: r.get(4)?,
+                    tool_name: r.get(5)?,
+                    tool_args: r.get(6)?,
+                    tool_duration_ms: r.get(7)?,
+                    level: r.get(8)?,
+                    data: r.get(9)?,
+                    created_at: r.get(10)?,
+                    turn_id: r.get(11)?,
+                    line_no: r.get(12)?,
+                })
+            },
+        )
+        .ctx("reading events")?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .ctx("reading events")?;
+    Ok(rows)
+}
+
+/// The highest stdout line number of a turn already in `events` (0 if none).
+pub fn max_line_no(conn: &Connection, turn_id: &str) -> Result<i64> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(line_no), 0) FROM events WHERE turn_id=?1",
+        [turn_id],
+        |r| r.get(0),
+    )
+    .ctx("reading events")
+}
+
+/// Rows of a turn in `events`.
+pub fn count_for_turn(conn: &Connection, turn_id: &str) -> Result<i64> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM events WHERE turn_id=?1",
+        [turn_id],
+        |r| r.get(0),
+    )
+    .ctx("counting events")
+}

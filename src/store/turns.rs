@@ -1,0 +1,213 @@
+//! Rows of `turns`: one per turn, inserted when it starts and finished once
+//! when it ends (by the runner, by `stop`, or by the sweep for a runner that
+//! died). Only the holder of the agent's lease finishes a turn row.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::Serialize;
+
+use super::{Ctx, Result};
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TurnRow {
+    pub turn_id: String,
+    pub agent_name: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub runner_pid: Option<i64>,
+    pub agent_pid: Option<i64>,
+    pub initial_state: Option<String>,
+    pub final_state: Option<String>,
+    pub outcome: Option<String>,
+    pub reason: Option<String>,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub clean_result: bool,
+    pub terminal_mail_observed: bool,
+    pub session_id: Option<String>,
+    pub resume_requested: Option<String>,
+    pub resume_mismatch: bool,
+    pub events: i64,
+    pub lines: i64,
+    pub malformed_lines: i64,
+    pub bytes: i64,
+    pub mail_ids: Vec<String>,
+    pub cost_usd: Option<f64>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub num_turns: Option<i64>,
+    pub result_text: Option<String>,
+    pub stderr_tail: Option<String>,
+    pub leaked: bool,
+}
+
+const COLS: &str = "turn_id, agent_name, started_at, ended_at, runner_pid, agent_pid, initial_state, \
+    final_state, outcome, reason, exit_code, signal, clean_result, terminal_mail_observed, session_id, \
+    resume_requested, resume_mismatch, events, lines, malformed_lines, bytes, mail_ids, cost_usd, \
+    input_tokens, output_tokens, num_turns, result_text, stderr_tail, leaked";
+
+fn from_row(r: &Row<'_>) -> rusqlite::Result<TurnRow> {
+    let ids: String = r
+        .get::<_, Option<String>>(21)?
+        .unwrap_or_else(|| "[]".into());
+    Ok(TurnRow {
+        turn_id: r.get(0)?,
+        agent_name: r.get(1)?,
+        started_at: r.get(2)?,
+        ended_at: r.get(3)?,
+        runner_pid: r.get(4)?,
+        agent_pid: r.get(5)?,
+        initial_state: r.get(6)?,
+        final_state: r.get(7)?,
+        outcome: r.get(8)?,
+        reason: r.get(9)?,
+        exit_code: r.get(10)?,
+        signal: r.get(11)?,
+        clean_result: r.get::<_, i64>(12)? != 0,
+        terminal_mail_observed: r.get::<_, i64>(13)? != 0,
+        session_id: r.get(14)?,
+        resume_requested: r.get(15)?,
+        resume_mismatch: r.get::<_, i64>(16)? != 0,
+        events: r.get(17)?,
+        lines: r.get(18)?,
+        malformed_lines: r.get(19)?,
+        bytes: r.get(20)?,
+        mail_ids: serde_json::from_str(&ids).unwrap_or_default(),
+        cost_usd: r.get(22)?,
+        input_tokens: r.get(23)?,
+        output_tokens: r.get(24)?,
+        num_turns: r.get(25)?,
+        result_text: r.get(26)?,
+        stderr_tail: r.get(27)?,
+        leaked: r.get::<_, i64>(28)? != 0,
+    })
+}
+
+pub fn insert_start(conn: &Connection, t: &TurnRow) -> Result<()> {
+    conn.execute(
+        "INSERT INTO turns (turn_id, agent_name, started_at, runner_pid, initial_state, resume_requested, mail_ids) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            t.turn_id,
+            t.agent_name,
+            t.started_at,
+            t.runner_pid,
+            t.initial_state,
+            t.resume_requested,
+            serde_json::to_string(&t.mail_ids).unwrap_or_else(|_| "[]".into())
+        ],
+    )
+    .ctx("recording the turn start")?;
+    Ok(())
+}
+
+pub fn set_agent_pid(conn: &Connection, turn_id: &str, pid: i64) -> Result<()> {
+    conn.execute(
+        "UPDATE turns SET agent_pid=?2 WHERE turn_id=?1",
+        params![turn_id, pid],
+    )
+    .ctx("recording the agent pid")?;
+    Ok(())
+}
+
+/// Finishes a turn row; a row that is already finished is left alone
+/// (returns false).
+pub fn finish(conn: &Connection, t: &TurnRow) -> Result<bool> {
+    let n = conn
+        .execute(
+            "UPDATE turns SET ended_at=?2, agent_pid=COALESCE(?3, agent_pid), final_state=?4, outcome=?5, \
+             reason=?6, exit_code=?7, signal=?8, clean_result=?9, terminal_mail_observed=?10, session_id=?11, \
+             resume_mismatch=?12, events=?13, lines=?14, malformed_lines=?15, bytes=?16, cost_usd=?17, \
+             input_tokens=?18, output_tokens=?19, num_turns=?20, result_text=?21, stderr_tail=?22, leaked=?23 \
+             WHERE turn_id=?1 AND ended_at IS NULL",
+            params![
+                t.turn_id,
+                t.ended_at,
+                t.agent_pid,
+                t.final_state,
+                t.outcome,
+                t.reason,
+                t.exit_code,
+                t.signal,
+                t.clean_result as i64,
+                t.terminal_mail_observed as i64,
+                t.session_id,
+                t.resume_mismatch as i64,
+                t.events,
+                t.lines,
+                t.malformed_lines,
+                t.bytes,
+                t.cost_usd,
+                t.input_tokens,
+                t.output_tokens,
+                t.num_turns,
+                t.result_text,
+                t.stderr_tail,
+                t.leaked as i64
+            ],
+        )
+        .ctx("finishing the turn row")?;
+    Ok(n == 1)
+}
+
+pub fn get(conn: &Connection, turn_id: &str) -> Result<Option<TurnRow>> {
+    conn.query_row(
+        &format!("SELECT {COLS} FROM turns WHERE turn_id=?1"),
+        [turn_id],
+        from_row,
+    )
+    .optional()
+    .ctx("reading a turn")
+}
+
+/// Unfinished turns of an agent, oldest first.
+pub fn unfinished(conn: &Connection, agent: &str) -> Result<Vec<TurnRow>> {
+    let mut st = conn
+        .prepare_cached(&format!(
+            "SELECT {COLS} FROM turns WHERE agent_name=?1 AND ended_at IS NULL ORDER BY turn_id"
+        ))
+        .ctx("reading unfinished turns")?;
+    let rows = st
+        .query_map([agent], from_row)
+        .ctx("reading unfinished turns")?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .ctx("reading unfinished turns")?;
+    Ok(rows)
+}
+
+/// Turn history, newest first.
+pub fn list(conn: &Connection, agent: Option<&str>, limit: i64) -> Result<Vec<TurnRow>> {
+    let mut st = conn
+        .prepare_cached(&format!(
+            "SELECT {COLS} FROM turns WHERE (?1 IS NULL OR agent_name=?1) ORDER BY turn_id DESC LIMIT ?2"
+        ))
+        .ctx("listing turns")?;
+    let rows = st
+        .query_map(params![agent, limit], from_row)
+        .ctx("listing turns")?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .ctx("listing turns")?;
+    Ok(rows)
+}
+
+/// The last finished turn of an agent.
+pub fn last_finished(conn: &Connection, agent: &str) -> Result<Option<TurnRow>> {
+    conn.query_row(
+        &format!(
+            "SELECT {COLS} FROM turns WHERE agent_name=?1 AND ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1"
+        ),
+        [agent],
+        from_row,
+    )
+    .optional()
+    .ctx("reading the last turn")
+}
+
+/// Total cost of an agent's turns.
+pub fn total_cost(conn: &Connection, agent: &str) -> Result<f64> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(cost_usd), 0) FROM turns WHERE agent_name=?1",
+        [agent],
+        |r| r.get(0),
+    )
+    .ctx("summing cost")
+}

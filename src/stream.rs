@@ -1,0 +1,489 @@
+//! Reading an agent's stdout (SPEC §6.4): bounded line framing, and the
+//! ingest task that turns lines into event rows.
+//!
+//! Invariants: memory is bounded by the line limit plus one read buffer and
+//! the writer's bounded queue, whatever the agent writes; a line over the
+//! limit is skipped to its newline and recorded as `oversize_line`; a line
+//! that is not UTF-8, not JSON, or not an object with a string `type` is
+//! recorded as `malformed_line`; nothing an agent writes can panic the
+//! runner. Every stdout byte is teed to `stdout.ndjson` before its rows are
+//! queued, one `write(2)` per read, so a runner killed mid-stream leaves
+//! every line it received on disk for the sweep to replay. Non-goal: what a
+//! line means — that is the runtime's parser.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::runtime::{LineFacts, Parser, ResultInfo};
+use crate::store::events::{Batch, EventRow};
+use crate::turn::Progress;
+
+/// Longest `data` value stored in `events` (SPEC §2.2).
+pub const MAX_DATA: usize = 64 * 1024;
+
+/// One framed piece of the stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A line without its newline (may be empty).
+    Line(&'a [u8]),
+    /// A line longer than the limit, skipped: its length in bytes.
+    Oversize(u64),
+}
+
+/// Splits a byte stream into lines of at most `max` bytes.
+pub struct Framer {
+    max: usize,
+    partial: Vec<u8>,
+    /// Bytes of an oversize line skipped so far.
+    skipping: Option<u64>,
+}
+
+impl Framer {
+    pub fn new(max: usize) -> Framer {
+        Framer {
+            max: max.max(1),
+            partial: Vec::new(),
+            skipping: None,
+        }
+    }
+
+    /// Feeds a chunk; calls `f` for every complete frame in it.
+    pub fn feed(&mut self, mut chunk: &[u8], mut f: impl FnMut(Frame<'_>)) {
+        while !chunk.is_empty() {
+            let nl = memchr(b'\n', chunk);
+            let (piece, rest, complete) = match nl {
+                Some(i) => (&chunk[..i], &chunk[i + 1..], true),
+                None => (chunk, &[][..], false),
+            };
+            chunk = rest;
+            if let Some(skipped) = self.skipping.as_mut() {
+                *skipped += piece.len() as u64;
+                if complete {
+                    let n = *skipped;
+                    self.skipping = None;
+                    f(Frame::Oversize(n));
+                }
+                continue;
+            }
+            if self.partial.len() + piece.len() > self.max {
+                self.skipping = Some((self.partial.len() + piece.len()) as u64);
+                self.partial = Vec::new(); // give the memory back
+                if complete {
+                    let n = self.skipping.take().unwrap_or(0);
+                    f(Frame::Oversize(n));
+                }
+                continue;
+            }
+            if complete {
+                if self.partial.is_empty() {
+                    f(Frame::Line(piece));
+                } else {
+                    self.partial.extend_from_slice(piece);
+                    f(Frame::Line(&self.partial));
+                    self.partial.clear();
+                }
+            } else {
+                self.partial.extend_from_slice(piece);
+            }
+        }
+    }
+
+    /// End of stream: a final line without a newline still counts.
+    pub fn finish(&mut self, mut f: impl FnMut(Frame<'_>)) {
+        if let Some(n) = self.skipping.take() {
+            f(Frame::Oversize(n));
+        } else if !self.partial.is_empty() {
+            let p = std::mem::take(&mut self.partial);
+            f(Frame::Line(&p));
+        }
+    }
+}
+
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == needle)
+}
+
+/// Counters and facts of a stream, as the ingest leaves them.
+#[derive(Debug, Default, Clone)]
+pub struct StreamReport {
+    pub lines: u64,
+    pub malformed: u64,
+    pub bytes: u64,
+    pub rows: u64,
+    /// Frames seen, empty lines included (the numbering `line_no` uses).
+    pub frames: u64,
+    pub valid_events: u64,
+    pub session_id: Option<String>,
+    pub resume_mismatch: bool,
+    /// `Some(clean)` once an end-of-turn line arrived (the last one wins).
+    pub verdict: Option<bool>,
+    pub result: ResultInfo,
+    pub eof: bool,
+}
+
+/// What the ingest tells the turn loop as it happens.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// The first valid event line.
+    FirstEvent,
+    /// An end-of-turn line (`result`, `turn.completed`, …).
+    EndOfTurn,
+    /// Something to show a human watching the turn.
+    Progress(Progress),
+}
+
+/// State shared with the watchdog: updated once per read, read when a timer fires.
+#[derive(Debug)]
+pub struct Live {
+    origin: Instant,
+    last_line_ms: AtomicU64,
+    lines: AtomicU64,
+    /// Extra stall allowance of the longest declared tool timeout in flight (ms, 0 = none).
+    tool_allowance_ms: AtomicU64,
+}
+
+impl Live {
+    pub fn new(origin: Instant) -> Arc<Live> {
+        Arc::new(Live {
+            origin,
+            last_line_ms: AtomicU64::new(0),
+            lines: AtomicU64::new(0),
+            tool_allowance_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub fn touch(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.origin).as_millis() as u64;
+        self.last_line_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    pub fn last_line_at(&self) -> Instant {
+        self.origin + std::time::Duration::from_millis(self.last_line_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn lines(&self) -> u64 {
+        self.lines.load(Ordering::Relaxed)
+    }
+
+    pub fn tool_allowance(&self) -> Option<std::time::Duration> {
+        match self.tool_allowance_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    pub fn set_tool_allowance(&self, ms: u64) {
+        self.tool_allowance_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Turns one framed line into rows and facts. Pure apart from the parser's state.
+pub fn process_line(
+    frame: Frame<'_>,
+    line_no: i64,
+    parser: &mut dyn Parser,
+    rows: &mut Vec<EventRow>,
+) -> Option<LineFacts> {
+    let raw = match frame {
+        Frame::Oversize(bytes) => {
+            rows.push(EventRow {
+                event_type: "error",
+                level: "error",
+                data: json!({"type": "oversize_line", "bytes": bytes}).to_string(),
+                line_no: Some(line_no),
+                ..Default::default()
+            });
+            return Some(LineFacts {
+                malformed: true,
+                ..Default::default()
+            });
+        }
+        Frame::Line(raw) => raw,
+    };
+    if raw.iter().all(|b| b.is_ascii_whitespace()) {
+        return None;
+    }
+    let malformed = |rows: &mut Vec<EventRow>| {
+        let prefix = String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned();
+        rows.push(EventRow {
+            event_type: "error",
+            level: "error",
+            data: json!({"type": "malformed_line", "prefix": prefix}).to_string(),
+            line_no: Some(line_no),
+            ..Default::default()
+        });
+        Some(LineFacts {
+            malformed: true,
+            ..Default::default()
+        })
+    };
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return malformed(rows);
+    };
+    let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(text) else {
+        return malformed(rows);
+    };
+    let Some(kind) = obj.get("type").and_then(Value::as_str) else {
+        return malformed(rows);
+    };
+    let start = rows.len();
+    let mut facts = parser.line(kind, &obj, rows);
+    facts.valid = true;
+    let data = bounded_data(text, kind);
+    for r in &mut rows[start..] {
+        r.line_no = Some(line_no);
+        if r.data.is_empty() {
+            r.data = data.clone();
+        }
+    }
+    Some(facts)
+}
+
+/// The line as `data`, or a marked cut when it is over [`MAX_DATA`].
+pub fn bounded_data(text: &str, kind: &str) -> String {
+    if text.len() <= MAX_DATA {
+        return text.to_string();
+    }
+    let mut cut = MAX_DATA - 512;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    json!({"type": kind, "truncated": true, "bytes": text.len(), "head": &text[..cut]}).to_string()
+}
+
+/// Everything the ingest task needs.
+pub struct Ingest {
+    pub max_line: usize,
+    pub parser: Box<dyn Parser>,
+    pub writer: SyncSender<Batch>,
+    pub ndjson: Option<File>,
+    pub live: Arc<Live>,
+    pub notices: mpsc::UnboundedSender<Notice>,
+    pub resume_requested: Option<String>,
+    pub stop: watch::Receiver<bool>,
+    /// First line number (lines before it were already ingested: sweep replay).
+    pub first_line_no: i64,
+    /// Send [`Notice::Progress`] for text, tools and results.
+    pub progress: bool,
+}
+
+/// Reads `stdout` to EOF (or until told to stop) and returns the report.
+pub async fn ingest<R: AsyncRead + Unpin>(mut stdout: R, mut ing: Ingest) -> StreamReport {
+    let mut rep = StreamReport::default();
+    let mut framer = Framer::new(ing.max_line);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut line_no = ing.first_line_no;
+    loop {
+        let n = tokio::select! {
+            biased;
+            r = stdout.read(&mut buf) => match r { Ok(n) => n, Err(_) => 0 },
+            _ = ing.stop.changed() => break,
+        };
+        let mut rows: Vec<EventRow> = Vec::new();
+        if n == 0 {
+            rep.eof = true;
+            framer.finish(|f| {
+                line_no += 1;
+                handle(f, line_no, &mut ing, &mut rows, &mut rep);
+            });
+            flush(&mut ing, &mut rows, &rep);
+            break;
+        }
+        let chunk = &buf[..n];
+        if let Some(f) = ing.ndjson.as_mut()
+            && f.write_all(chunk).is_err()
+        {
+            ing.ndjson = None; // the log is best effort; events still flow
+        }
+        rep.bytes += n as u64;
+        framer.feed(chunk, |f| {
+            line_no += 1;
+            handle(f, line_no, &mut ing, &mut rows, &mut rep);
+        });
+        flush(&mut ing, &mut rows, &rep);
+    }
+    rep.frames = (line_no - ing.first_line_no) as u64;
+    rep
+}
+
+fn flush(ing: &mut Ingest, rows: &mut Vec<EventRow>, rep: &StreamReport) {
+    if rows.is_empty() {
+        return;
+    }
+    let batch = Batch {
+        created_at: crate::clock::now(),
+        session_id: rep.session_id.clone(),
+        rows: std::mem::take(rows),
+    };
+    // A full queue blocks this task (backpressure), never drops.
+    let _ = match ing.writer.try_send(batch) {
+        Ok(()) => Ok(()),
+        Err(std::sync::mpsc::TrySendError::Full(b)) => {
+            tokio::task::block_in_place(|| ing.writer.send(b))
+        }
+        Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Ok(()),
+    };
+}
+
+fn handle(
+    f: Frame<'_>,
+    line_no: i64,
+    ing: &mut Ingest,
+    rows: &mut Vec<EventRow>,
+    rep: &mut StreamReport,
+) {
+    let before = rows.len();
+    let Some(facts) = process_line(f, line_no, ing.parser.as_mut(), rows) else {
+        return;
+    };
+    rep.lines += 1;
+    ing.live.lines.fetch_add(1, Ordering::Relaxed);
+    if !facts.retry_only {
+        ing.live.touch(Instant::now());
+    }
+    if facts.malformed {
+        rep.malformed += 1;
+    }
+    if facts.valid {
+        rep.valid_events += 1;
+        if rep.valid_events == 1 {
+            let _ = ing.notices.send(Notice::FirstEvent);
+        }
+    }
+    if rep.session_id.is_none()
+        && let Some(id) = facts.session_id.filter(|s| !s.is_empty())
+    {
+        if let Some(req) = &ing.resume_requested
+            && *req != id
+        {
+            rep.resume_mismatch = true;
+            rows.push(EventRow {
+                event_type: "custom",
+                level: "warn",
+                data: json!({"type": "resume_mismatch", "requested": req, "reported": id})
+                    .to_string(),
+                line_no: Some(line_no),
+                ..Default::default()
+            });
+        }
+        rep.session_id = Some(id);
+    }
+    if let Some(ms) = facts.tool_allowance_ms {
+        ing.live.set_tool_allowance(ms);
+    }
+    if let Some(clean) = facts.end_of_turn {
+        rep.verdict = Some(clean);
+        rep.result = ing.parser.result();
+        let _ = ing.notices.send(Notice::EndOfTurn);
+    }
+    if ing.progress {
+        for r in &rows[before..] {
+            if let Some(p) = progress_of(r) {
+                let _ = ing.notices.send(Notice::Progress(p));
+            }
+        }
+    }
+    rep.rows += (rows.len() - before) as u64;
+}
+
+/// What a human sees of a row (only computed when someone watches).
+fn progress_of(r: &EventRow) -> Option<Progress> {
+    let v: Value = serde_json::from_str(&r.data).ok()?;
+    match r.event_type {
+        "progress" => {
+            let texts: Vec<String> = ["message", "content"]
+                .iter()
+                .try_fold(&v, |v, k| v.get(k))
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|b| b.get("text").and_then(Value::as_str).map(str::to_string))
+                        .collect()
+                })
+                .or_else(|| {
+                    v.get("text")
+                        .and_then(Value::as_str)
+                        .map(|t| vec![t.to_string()])
+                })
+                .or_else(|| {
+                    v.get("content")
+                        .and_then(Value::as_str)
+                        .map(|t| vec![t.to_string()])
+                })
+                .unwrap_or_default();
+            Some(Progress::Text(texts.join(" ")))
+        }
+        "tool_start" => Some(Progress::Tool(format!(
+            "{} {}",
+            r.tool_name.as_deref().unwrap_or("tool"),
+            crate::runtime::cut(r.tool_args.as_deref().unwrap_or(""), 120)
+        ))),
+        "tool_end" => Some(Progress::ToolDone {
+            name: r.tool_name.clone().unwrap_or_else(|| "tool".into()),
+            ms: r.tool_duration_ms,
+            error: r.level == "warn",
+        }),
+        "result" => Some(Progress::Result {
+            clean: r.level != "error",
+            text: v
+                .get("result")
+                .and_then(Value::as_str)
+                .map(|t| crate::runtime::cut(t, 200)),
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(max: usize, chunks: &[&[u8]]) -> Vec<String> {
+        let mut f = Framer::new(max);
+        let mut out = Vec::new();
+        let mut push = |fr: Frame<'_>| {
+            out.push(match fr {
+                Frame::Line(l) => format!("L:{}", String::from_utf8_lossy(l)),
+                Frame::Oversize(n) => format!("O:{n}"),
+            })
+        };
+        for c in chunks {
+            f.feed(c, &mut push);
+        }
+        f.finish(&mut push);
+        out
+    }
+
+    #[test]
+    fn frames_lines_across_chunks() {
+        assert_eq!(
+            frames(100, &[b"ab", b"c\nde\n", b"\nf"]),
+            ["L:abc", "L:de", "L:", "L:f"]
+        );
+    }
+
+    #[test]
+    fn skips_oversize_lines_to_the_newline() {
+        assert_eq!(frames(4, &[b"12345678", b"9\nok\n"]), ["O:9", "L:ok"]);
+        assert_eq!(frames(4, &[b"123", b"45\nok"]), ["O:5", "L:ok"]);
+        assert_eq!(frames(4, &[b"1234\n"]), ["L:1234"]);
+        assert_eq!(frames(4, &[b"123456"]), ["O:6"]);
+    }
+
+    #[test]
+    fn bounded_data_cuts_and_marks() {
+        let long = format!("{{\"type\":\"x\",\"t\":\"{}\"}}", "é".repeat(MAX_DATA));
+        let d = bounded_data(&long, "x");
+        assert!(d.len() <= MAX_DATA);
+        let v: Value = serde_json::from_str(&d).unwrap();
+        assert_eq!(v["truncated"], true);
+    }
+}
