@@ -105,8 +105,8 @@ mod tests {
         // columns: to = booting in_turn between_turns working stalled completed zombie
         let table: [(State, &str); 7] = [
             (Booting, ".xxxxxx"),
-            (InTurn, ".x.x.xx"),
-            (BetweenTurns, ".xx..xx"),
+            (InTurn, ".xx.xxx"),
+            (BetweenTurns, ".xx.xxx"),
             (Working, "...xxxx"),
             (Stalled, ".xxxxxx"),
             (Completed, ".....x."),

@@ -187,16 +187,16 @@ mod tests {
     #[test]
     fn outcome_table() {
         use Outcome::*;
-        use State::*;
+        use State as S;
         let rows: Vec<(Facts, Outcome, Option<State>, Fate, bool, i32)> = vec![
             (
                 Facts {
                     abort: Some(Abort::Signal),
-                    state_now: Some(Completed),
+                    state_now: Some(S::Completed),
                     ..base()
                 },
                 Stopped,
-                Some(Completed),
+                Some(S::Completed),
                 Fate::Release,
                 true,
                 130,
@@ -207,7 +207,7 @@ mod tests {
                     ..base()
                 },
                 Interrupted,
-                Some(BetweenTurns),
+                Some(S::BetweenTurns),
                 Fate::Release,
                 false,
                 130,
@@ -219,7 +219,7 @@ mod tests {
                     ..base()
                 },
                 Stalled,
-                Some(Zombie),
+                Some(S::Zombie),
                 Fate::Release,
                 true,
                 124,
@@ -227,12 +227,12 @@ mod tests {
             (
                 Facts {
                     abort: Some(Abort::Signal),
-                    state_now: Some(Zombie),
+                    state_now: Some(S::Zombie),
                     stop_reason: Some(StopReason::Stalled),
                     ..base()
                 },
                 Stalled,
-                Some(Zombie),
+                Some(S::Zombie),
                 Fate::Release,
                 true,
                 124,
@@ -243,7 +243,7 @@ mod tests {
                     ..base()
                 },
                 Deadline,
-                Some(Zombie),
+                Some(S::Zombie),
                 Fate::Release,
                 true,
                 124,
@@ -251,12 +251,12 @@ mod tests {
             (
                 Facts {
                     abort: Some(Abort::Signal),
-                    state_now: Some(Zombie),
+                    state_now: Some(S::Zombie),
                     stop_reason: Some(StopReason::Deadline),
                     ..base()
                 },
                 Deadline,
-                Some(Zombie),
+                Some(S::Zombie),
                 Fate::Release,
                 true,
                 124,
@@ -267,19 +267,19 @@ mod tests {
                     ..base()
                 },
                 Done,
-                Some(Completed),
+                Some(S::Completed),
                 Fate::Deliver,
                 false,
                 0,
             ),
-            (base(), Exited, Some(Completed), Fate::Deliver, true, 0),
+            (base(), Exited, Some(S::Completed), Fate::Deliver, true, 0),
             (
                 Facts {
                     on_idle: OnIdle::Wait,
                     ..base()
                 },
                 Waiting,
-                Some(BetweenTurns),
+                Some(S::BetweenTurns),
                 Fate::Deliver,
                 false,
                 0,
@@ -318,7 +318,7 @@ mod tests {
                     ..base()
                 },
                 Failed,
-                Some(BetweenTurns),
+                Some(S::BetweenTurns),
                 Fate::Retry,
                 false,
                 1,
@@ -330,7 +330,7 @@ mod tests {
                     ..base()
                 },
                 Failed,
-                Some(BetweenTurns),
+                Some(S::BetweenTurns),
                 Fate::Retry,
                 false,
                 1,
@@ -343,7 +343,7 @@ mod tests {
                     ..base()
                 },
                 Failed,
-                Some(BetweenTurns),
+                Some(S::BetweenTurns),
                 Fate::Retry,
                 false,
                 1,
@@ -357,7 +357,7 @@ mod tests {
                     ..base()
                 },
                 Failed,
-                Some(BetweenTurns),
+                Some(S::BetweenTurns),
                 Fate::Retry,
                 false,
                 1,
@@ -371,7 +371,7 @@ mod tests {
                     ..base()
                 },
                 Failed,
-                Some(BetweenTurns),
+                Some(S::BetweenTurns),
                 Fate::Retry,
                 false,
                 1,
