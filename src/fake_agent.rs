@@ -92,6 +92,17 @@ pub struct FakeArgs {
     /// Print this on stderr first.
     #[arg(long)]
     pub stderr: Option<String>,
+    /// Write no `system/init` line.
+    #[arg(long)]
+    pub no_init: bool,
+    /// Fail (error result, exit 1) on the first N runs, counted in --counter.
+    #[arg(long, default_value_t = 0)]
+    pub fail_times: u64,
+    #[arg(long)]
+    pub counter: Option<PathBuf>,
+    /// Ignore RUNNER_RESUME_SESSION_ID: report a new session id every turn.
+    #[arg(long)]
+    pub fresh_session: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,7 +239,9 @@ fn steps_from_flags(a: &FakeArgs) -> Result<Vec<Step>, String> {
         steps.extend(f.step);
         return Ok(steps);
     }
-    steps.push(Step::Init);
+    if !a.no_init {
+        steps.push(Step::Init);
+    }
     if a.lines > 0 {
         steps.push(Step::Lines {
             n: a.lines,
@@ -274,7 +287,19 @@ fn steps_from_flags(a: &FakeArgs) -> Result<Vec<Step>, String> {
     if a.stall {
         steps.push(Step::Stall);
     }
-    match a.result.as_str() {
+    let mut result = a.result.as_str();
+    let mut exit = a.exit;
+    if a.fail_times > 0
+        && let Some(c) = &a.counter
+    {
+        let n: u64 = std::fs::read_to_string(c).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0) + 1;
+        let _ = std::fs::write(c, n.to_string());
+        if n <= a.fail_times {
+            result = "error";
+            exit = 1;
+        }
+    }
+    match result {
         "ok" => steps.push(Step::Result {
             ok: true,
             text: Some("fake turn done".into()),
@@ -289,7 +314,7 @@ fn steps_from_flags(a: &FakeArgs) -> Result<Vec<Step>, String> {
     if let Some(s) = &a.signal {
         steps.push(Step::Signal { name: s.clone() });
     }
-    steps.push(Step::Exit { code: a.exit });
+    steps.push(Step::Exit { code: exit });
     Ok(steps)
 }
 
@@ -305,7 +330,7 @@ pub fn run(a: FakeArgs) -> i32 {
     let session = a
         .session_id
         .clone()
-        .or_else(|| std::env::var("RUNNER_RESUME_SESSION_ID").ok())
+        .or_else(|| std::env::var("RUNNER_RESUME_SESSION_ID").ok().filter(|_| !a.fresh_session))
         .unwrap_or_else(os::uuid_v4);
     let mut out = Out { session, n: 0 };
     if a.write_before_read > 0 {
