@@ -90,7 +90,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 (None, None) => None,
             };
             crate::root::check_name(&t.agent)?;
-            if let (Some(from), Some(text)) = (&t.from, message.take()) {
+            if let Some(from) = &t.from
+                && let Some(text) = message.take()
+            {
                 ops::mail_send(
                     &ctx,
                     ops::SendRequest {

@@ -70,7 +70,8 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum AgentCmd {
-    /// Register an agent (state booting).
+    /// Register an agent (state booting). `--command PROG [ARG...]` comes last,
+    /// takes every remaining argument and implies `--runtime command`.
     Add(AgentAddArgs),
     /// Show one agent in full.
     Show { name: String },
@@ -96,8 +97,9 @@ pub struct AgentAddArgs {
     /// Reset a completed or zombie agent to booting.
     #[arg(long)]
     pub recover: bool,
-    /// The agent's program and arguments (implies --runtime command); takes every remaining argument.
-    #[arg(long, num_args = 1.., allow_hyphen_values = true, trailing_var_arg = true, value_name = "PROG")]
+    /// Set from `--command PROG [ARG...]`, which must come last: it takes
+    /// every remaining argument (see [`split_command`]).
+    #[arg(skip)]
     pub command: Option<Vec<String>>,
 }
 
@@ -246,4 +248,94 @@ pub struct MailListArgs {
     pub dead: bool,
     #[arg(long, default_value_t = 50)]
     pub limit: i64,
+}
+
+/// `agent add … --command PROG [ARG...]`: everything after `--command` (an
+/// optional `--` first) is the agent's argv, never runner's own flags. Splits
+/// it off before clap sees the rest.
+pub fn split_command(
+    args: Vec<std::ffi::OsString>,
+) -> (Vec<std::ffi::OsString>, Option<Vec<String>>) {
+    let is = |a: &std::ffi::OsString, s: &str| a.to_str() == Some(s);
+    let Some(add) = args
+        .windows(2)
+        .position(|w| is(&w[0], "agent") && is(&w[1], "add"))
+    else {
+        return (args, None);
+    };
+    let Some(at) = args
+        .iter()
+        .skip(add + 2)
+        .position(|a| is(a, "--command"))
+        .map(|p| p + add + 2)
+    else {
+        return (args, None);
+    };
+    let mut rest = args;
+    let cmd: Vec<String> = rest
+        .split_off(at)
+        .into_iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let cmd = match cmd.first().map(String::as_str) {
+        Some("--") => cmd[1..].to_vec(),
+        _ => cmd,
+    };
+    (rest, Some(cmd))
+}
+
+/// Parses the process's command line.
+pub fn parse() -> Cli {
+    let (args, command) = split_command(std::env::args_os().collect());
+    let mut cli = Cli::parse_from(args);
+    if let Command::Agent(AgentCmd::Add(a)) = &mut cli.command {
+        a.command = command;
+    }
+    cli
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn os(v: &[&str]) -> Vec<std::ffi::OsString> {
+        v.iter().map(Into::into).collect()
+    }
+
+    #[test]
+    fn command_takes_every_remaining_argument() {
+        let (rest, cmd) = split_command(os(&[
+            "runner",
+            "agent",
+            "add",
+            "a",
+            "--capability",
+            "b",
+            "--command",
+            "prog",
+            "--capability",
+            "x",
+        ]));
+        assert_eq!(
+            rest,
+            os(&["runner", "agent", "add", "a", "--capability", "b"])
+        );
+        assert_eq!(cmd.unwrap(), ["prog", "--capability", "x"]);
+        let (_, cmd) = split_command(os(&[
+            "runner",
+            "agent",
+            "add",
+            "a",
+            "--command",
+            "--",
+            "-p",
+        ]));
+        assert_eq!(cmd.unwrap(), ["-p"]);
+        let (rest, cmd) = split_command(os(&["runner", "turn", "--command"]));
+        assert!(cmd.is_none());
+        assert_eq!(rest.len(), 3);
+        Cli::command().debug_assert();
+    }
 }

@@ -292,7 +292,11 @@ fn steps_from_flags(a: &FakeArgs) -> Result<Vec<Step>, String> {
     if a.fail_times > 0
         && let Some(c) = &a.counter
     {
-        let n: u64 = std::fs::read_to_string(c).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0) + 1;
+        let n: u64 = std::fs::read_to_string(c)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+            + 1;
         let _ = std::fs::write(c, n.to_string());
         if n <= a.fail_times {
             result = "error";
@@ -330,7 +334,11 @@ pub fn run(a: FakeArgs) -> i32 {
     let session = a
         .session_id
         .clone()
-        .or_else(|| std::env::var("RUNNER_RESUME_SESSION_ID").ok().filter(|_| !a.fresh_session))
+        .or_else(|| {
+            std::env::var("RUNNER_RESUME_SESSION_ID")
+                .ok()
+                .filter(|_| !a.fresh_session)
+        })
         .unwrap_or_else(os::uuid_v4);
     let mut out = Out { session, n: 0 };
     if a.write_before_read > 0 {

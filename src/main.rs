@@ -1,12 +1,10 @@
 //! The `runner` binary: parse, set up logging, run, exit.
 
-use clap::Parser;
-
 fn main() {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("runner: internal error: {info} (this is a bug in runner: please report it)");
     }));
-    let cli = runner::cli::Cli::parse();
+    let cli = runner::cli::parse();
     if !matches!(cli.command, runner::cli::Command::FakeAgent(_)) {
         init_tracing(cli.verbose, cli.quiet);
         // Orphaned descendants of our agents re-parent to us, not init (SPEC §6.7).

@@ -45,12 +45,7 @@ pub fn agent_add(ctx: &Ctx, req: AddRequest) -> Result<Session> {
         check_name(p)?;
     }
     capability::load(&ctx.root.dir, &req.capability)?;
-    let mut command = req.command.clone();
-    if let Some(c) = command.as_mut()
-        && c.first().is_some_and(|a| a == "--")
-    {
-        c.remove(0);
-    }
+    let command = req.command.clone();
     let runtime = match (&req.runtime, &command) {
         (Some(r), Some(_)) if r != "command" => {
             return Err(usage(format!(

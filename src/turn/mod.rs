@@ -551,6 +551,7 @@ impl Running<'_> {
                         Fired::Deadline => (Abort::Deadline, "turn deadline passed".to_string()),
                     };
                     ex.abort = Some(a);
+                    ex.leaked |= others_alive(&procs);
                     self.log.line(format!("watchdog: {why}; escalating"));
                     self.say(Progress::Escalating(why));
                     (step, next_step_at) = self.escalate(Step::Idle, &procs, &stdin_tx);
@@ -562,12 +563,14 @@ impl Running<'_> {
                         AbortRequest::None => {}
                         AbortRequest::Graceful if ex.abort.is_none() => {
                             ex.abort = Some(Abort::Signal);
+                            ex.leaked |= others_alive(&procs);
                             self.log.line("signal: aborting the turn");
                             self.say(Progress::Escalating("interrupted".into()));
                             (step, next_step_at) = self.escalate(Step::Idle, &procs, &stdin_tx);
                         }
                         _ => {
                             ex.abort.get_or_insert(Abort::Signal);
+                            ex.leaked |= others_alive(&procs);
                             self.log.line("second signal: SIGKILL now");
                             (step, next_step_at) = self.escalate(Step::Term, &procs, &stdin_tx);
                         }
@@ -599,7 +602,7 @@ impl Running<'_> {
             spawn::disown(p);
         }
         let left = procs.live();
-        ex.leaked = !left.is_empty();
+        ex.leaked |= !left.is_empty();
         self.log.line(format!(
             "agent exited: code {:?} signal {:?}; {} other process(es) of the turn alive",
             ex.exit_code,
@@ -710,6 +713,13 @@ impl Running<'_> {
         };
         (next, Some(now + again))
     }
+}
+
+/// Whether a process of the turn other than the agent itself is alive. An
+/// abort kills those too, so `leaked` also counts what was alive when the
+/// runner began ending the turn, not only what outlived the agent.
+fn others_alive(procs: &TurnProcs) -> bool {
+    procs.live().iter().any(|&p| Some(p) != procs.agent_pid)
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

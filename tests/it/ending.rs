@@ -30,14 +30,21 @@ fn a_silent_agent_stalls_zombie_and_one_worker_died() {
     // claimed mail released: pending, try count unchanged
     let (read, tries, claimed): (i64, i64, Option<String>) = t
         .db("mail.db")
-        .query_row("SELECT read, tries, claimed_by FROM messages WHERE id=?1", [&id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT read, tries, claimed_by FROM messages WHERE id=?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap();
     assert_eq!((read, tries, claimed), (0, 0, None));
     t.assert_clean("b1");
     // a silent agent that never wrote a line is caught too
-    t.agent("b2", "builder", None, &["--no-init", "--lines", "0", "--stall"]);
+    t.agent(
+        "b2",
+        "builder",
+        None,
+        &["--no-init", "--lines", "0", "--stall"],
+    );
     t.run(turn_args("b2", &[])).status(124);
     t.assert_clean("b2");
 }
@@ -54,7 +61,11 @@ fn an_agent_ignoring_sigterm_is_killed_after_the_grace() {
     assert!(took < Duration::from_secs(3), "{took:?}");
     let row = t.last_turn("b1");
     assert_eq!(row["signal"], 9, "killed by SIGKILL: {row}");
-    let log = std::fs::read_to_string(t.turn_dir("b1", row["turn_id"].as_str().unwrap()).join("runner.log")).unwrap();
+    let log = std::fs::read_to_string(
+        t.turn_dir("b1", row["turn_id"].as_str().unwrap())
+            .join("runner.log"),
+    )
+    .unwrap();
     assert!(log.contains("SIGTERM") && log.contains("SIGKILL"), "{log}");
     t.assert_clean("b1");
 }
@@ -67,9 +78,24 @@ fn grandchild_case(mode: &str, stalled: bool) {
     }
     t.agent("b1", "builder", None, &fake);
     let t0 = Instant::now();
-    let r = t.run(turn_args("b1", &["--stall", if stalled { "300ms" } else { "20s" }]));
+    let stall = if stalled { "300ms" } else { "20s" };
+    let r = t.run([
+        "turn",
+        "--agent",
+        "b1",
+        "--message",
+        "go",
+        "--stall",
+        stall,
+        "--grace",
+        "200ms",
+    ]);
     r.status(if stalled { 124 } else { 0 });
-    assert!(t0.elapsed() < Duration::from_secs(10), "the turn ended: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the turn ended: {:?}",
+        t0.elapsed()
+    );
     let row = t.last_turn("b1");
     assert_eq!(row["leaked"], true, "{mode} stalled={stalled}: {row}");
     t.assert_clean("b1");
@@ -98,18 +124,40 @@ fn grandchild_in_a_new_session_stalled() {
 #[test]
 fn a_declared_bash_timeout_keeps_a_busy_tool_alive_past_the_stall_limit() {
     let t = TestRoot::new();
-    t.agent("b1", "builder", None, &["--tool-timeout-ms", "5000", "--tool-silence-ms", "1200", "--mail", "worker_done"]);
+    t.agent(
+        "b1",
+        "builder",
+        None,
+        &[
+            "--tool-timeout-ms",
+            "5000",
+            "--tool-silence-ms",
+            "1200",
+            "--mail",
+            "worker_done",
+        ],
+    );
     t.run(turn_args("b1", &[])).status(0);
     assert_eq!(t.last_turn("b1")["outcome"], "done");
     // without the declaration the same silence stalls
-    t.agent("b2", "builder", None, &["--silent-ms", "1200", "--mail", "worker_done"]);
+    t.agent(
+        "b2",
+        "builder",
+        None,
+        &["--silent-ms", "1200", "--mail", "worker_done"],
+    );
     t.run(turn_args("b2", &[])).status(124);
 }
 
 #[test]
 fn the_deadline_ends_a_chatty_turn() {
     let t = TestRoot::new();
-    t.agent("b1", "builder", None, &["--lines", "100000", "--rate", "50"]);
+    t.agent(
+        "b1",
+        "builder",
+        None,
+        &["--lines", "100000", "--rate", "50"],
+    );
     t.run(turn_args("b1", &["--deadline", "700ms"])).status(124);
     assert_eq!(t.last_turn("b1")["outcome"], "deadline");
     assert_eq!(t.state("b1"), "zombie");
@@ -122,7 +170,9 @@ fn stop_during_a_turn() {
     t.agent("lead", "lead", None, &[]);
     t.agent("b1", "builder", Some("lead"), &["--stall"]);
     let id = t.mail("lead", "b1", "x");
-    let child = t.spawn(["turn", "--agent", "b1", "--stall", "60s", "--grace", "200ms"]);
+    let child = t.spawn([
+        "turn", "--agent", "b1", "--stall", "60s", "--grace", "200ms",
+    ]);
     wait_for(Duration::from_secs(20), "the turn to start", || {
         t.root().join("agents/b1/turn.pid").exists() && t.state("b1") == "in_turn"
     });
@@ -137,9 +187,11 @@ fn stop_during_a_turn() {
     assert_eq!(t.worker_died("lead"), 1);
     let (read, tries, claimed): (i64, i64, Option<String>) = t
         .db("mail.db")
-        .query_row("SELECT read, tries, claimed_by FROM messages WHERE id=?1", [&id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT read, tries, claimed_by FROM messages WHERE id=?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap();
     assert_eq!((read, tries, claimed), (0, 0, None));
     t.assert_clean("b1");
@@ -168,15 +220,23 @@ fn sigint_interrupts_the_turn_and_releases_the_mail() {
     let t = TestRoot::new();
     t.agent("b1", "builder", None, &["--stall"]);
     let id = t.mail("lead", "b1", "x");
-    let child = t.spawn(["turn", "--agent", "b1", "--stall", "60s", "--grace", "200ms"]);
-    wait_for(Duration::from_secs(20), "the turn to start", || t.state("b1") == "in_turn");
+    let child = t.spawn([
+        "turn", "--agent", "b1", "--stall", "60s", "--grace", "200ms",
+    ]);
+    wait_for(Duration::from_secs(20), "the turn to start", || {
+        t.state("b1") == "in_turn"
+    });
     signal(child.id(), Signal::SIGINT);
     let out = wait_child(child, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(130));
     assert_eq!(t.last_turn("b1")["outcome"], "interrupted");
     assert_eq!(t.state("b1"), "between_turns");
-    let (read, tries): (i64, i64) =
-        t.db("mail.db").query_row("SELECT read, tries FROM messages WHERE id=?1", [&id], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    let (read, tries): (i64, i64) = t
+        .db("mail.db")
+        .query_row("SELECT read, tries FROM messages WHERE id=?1", [&id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
     assert_eq!((read, tries), (0, 0));
     t.assert_clean("b1");
 }
@@ -185,17 +245,40 @@ fn sigint_interrupts_the_turn_and_releases_the_mail() {
 fn a_second_signal_kills_at_once() {
     let t = TestRoot::new();
     t.agent("b1", "builder", None, &["--ignore-term", "--stall"]);
-    let child = t.spawn(["turn", "--agent", "b1", "--message", "x", "--stall", "60s", "--grace", "30s"]);
-    wait_for(Duration::from_secs(20), "the turn to start", || t.state("b1") == "in_turn");
+    let child = t.spawn([
+        "turn",
+        "--agent",
+        "b1",
+        "--message",
+        "x",
+        "--stall",
+        "60s",
+        "--grace",
+        "30s",
+    ]);
+    wait_for(Duration::from_secs(20), "the turn to start", || {
+        t.state("b1") == "in_turn"
+    });
     signal(child.id(), Signal::SIGTERM);
     wait_for(Duration::from_secs(10), "the SIGTERM escalation", || {
-        let dir = std::fs::read_dir(t.root().join("logs/b1")).unwrap().next().unwrap().unwrap().path();
-        std::fs::read_to_string(dir.join("runner.log")).unwrap_or_default().contains("SIGTERM")
+        let dir = std::fs::read_dir(t.root().join("logs/b1"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::read_to_string(dir.join("runner.log"))
+            .unwrap_or_default()
+            .contains("SIGTERM")
     });
     let t0 = Instant::now();
     signal(child.id(), Signal::SIGTERM);
     let out = wait_child(child, Duration::from_secs(10));
-    assert!(t0.elapsed() < Duration::from_secs(5), "not the 30 s grace: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "not the 30 s grace: {:?}",
+        t0.elapsed()
+    );
     assert_eq!(out.status.code(), Some(130));
     t.assert_clean("b1");
 }

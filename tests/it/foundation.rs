@@ -19,11 +19,18 @@ fn init_creates_private_root_and_databases() {
     }
     t.run(["init"]).status(0); // idempotent
     t.agent("b1", "builder", None, &[]);
+    t.run(["turn", "--agent", "b1", "--message", "hi"])
+        .status(0);
     assert_eq!(mode(&r.join("agents")), 0o700);
-    t.run(["turn", "--agent", "b1", "--message", "hi"]).status(0);
+    assert_eq!(mode(&r.join("agents/b1")), 0o700);
     let logs = r.join("logs").join("b1");
     assert_eq!(mode(&logs), 0o700);
-    let turn = std::fs::read_dir(&logs).unwrap().next().unwrap().unwrap().path();
+    let turn = std::fs::read_dir(&logs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     assert_eq!(mode(&turn), 0o700);
     for f in ["stdout.ndjson", "stderr.log", "runner.log"] {
         assert_eq!(mode(&turn.join(f)), 0o600, "{f}");
@@ -51,13 +58,34 @@ fn agent_add_show_status_and_recover() {
     human.status(0);
     assert!(human.stdout().contains("b1") && human.stdout().contains("booting"));
     // duplicates and recover
-    t.run(["agent", "add", "b1", "--capability", "builder"]).status(2).one_line_error("already exists");
-    t.run(["agent", "add", "b1", "--capability", "builder", "--recover"]).status(2).one_line_error("only a completed or zombie");
+    t.run(["agent", "add", "b1", "--capability", "builder"])
+        .status(2)
+        .one_line_error("already exists");
+    t.run(["agent", "add", "b1", "--capability", "builder", "--recover"])
+        .status(2)
+        .one_line_error("only a completed or zombie");
     t.run(["stop", "--agent", "b1"]).status(0);
     assert_eq!(t.state("b1"), "completed");
-    t.run(["agent", "add", "b1", "--capability", "builder", "--recover", "--worktree", t.path().to_str().unwrap()]).status(0);
+    t.run([
+        "agent",
+        "add",
+        "b1",
+        "--capability",
+        "builder",
+        "--recover",
+        "--worktree",
+        t.path().to_str().unwrap(),
+    ])
+    .status(0);
     assert_eq!(t.state("b1"), "booting");
-    assert_eq!(t.str("sessions.db", "SELECT parent_agent FROM sessions WHERE agent_name='b1'").as_deref(), Some("lead"));
+    assert_eq!(
+        t.str(
+            "sessions.db",
+            "SELECT parent_agent FROM sessions WHERE agent_name='b1'"
+        )
+        .as_deref(),
+        Some("lead")
+    );
 }
 
 #[test]
@@ -65,23 +93,62 @@ fn bad_input_is_one_line_exit_2_and_writes_nothing() {
     let t = TestRoot::new();
     t.run(["init"]).status(0);
     let long = "x".repeat(65);
-    for name in ["../x", long.as_str(), "-a", "a/b"] {
-        t.run(["agent", "add", name, "--capability", "builder"]).status(2).one_line_error("invalid agent name");
+    for name in ["../x", long.as_str(), ".hidden", "a/b", "a b"] {
+        t.run(["agent", "add", name, "--capability", "builder"])
+            .status(2)
+            .one_line_error("invalid agent name");
     }
-    assert!(!t.root().join("agents").exists(), "nothing written for bad names");
+    assert!(
+        !t.root().join("agents").exists(),
+        "nothing written for bad names"
+    );
     assert!(!t.root().join("x").exists());
     let r = t.run(["agent", "add", "b1", "--capability", "wizard"]);
     r.status(2).one_line_error("unknown capability 'wizard'");
-    assert!(r.stderr().contains("builder") && r.stderr().contains("lead"), "lists known: {}", r.stderr());
+    assert!(
+        r.stderr().contains("builder") && r.stderr().contains("lead"),
+        "lists known: {}",
+        r.stderr()
+    );
     assert_eq!(t.i64("sessions.db", "SELECT COUNT(*) FROM sessions"), 0);
-    t.run(["agent", "add", "b1", "--capability", "builder", "--worktree", "/nonexistent/dir"]).status(2).one_line_error("not a directory");
+    t.run([
+        "agent",
+        "add",
+        "b1",
+        "--capability",
+        "builder",
+        "--worktree",
+        "/nonexistent/dir",
+    ])
+    .status(2)
+    .one_line_error("not a directory");
     t.agent("b1", "builder", None, &[]);
-    t.run(["mail", "send", "--from", "a", "--to", "b1", "--payload", "{"]).status(2).one_line_error("--payload is not valid JSON");
-    t.run(["mail", "send", "--from", "a", "--to", "b1", "--type", "gossip"]).status(2).one_line_error("unknown mail type");
+    t.run([
+        "mail",
+        "send",
+        "--from",
+        "a",
+        "--to",
+        "b1",
+        "--payload",
+        "{",
+    ])
+    .status(2)
+    .one_line_error("--payload is not valid JSON");
+    t.run([
+        "mail", "send", "--from", "a", "--to", "b1", "--type", "gossip",
+    ])
+    .status(2)
+    .one_line_error("unknown mail type");
     assert_eq!(t.i64("mail.db", "SELECT COUNT(*) FROM messages"), 0);
-    t.run(["turn", "--agent", "b1", "--stall", "10parsecs"]).status(2);
-    t.run(["turn", "--agent", "ghost", "--message", "x"]).status(2).one_line_error("runner agent add");
-    t.run(["turn", "--agent", "../etc", "--message", "x"]).status(2).one_line_error("invalid agent name");
+    t.run(["turn", "--agent", "b1", "--stall", "10parsecs"])
+        .status(2);
+    t.run(["turn", "--agent", "ghost", "--message", "x"])
+        .status(2)
+        .one_line_error("runner agent add");
+    t.run(["turn", "--agent", "../etc", "--message", "x"])
+        .status(2)
+        .one_line_error("invalid agent name");
     assert_eq!(t.i64("sessions.db", "SELECT COUNT(*) FROM turns"), 0);
 }
 
@@ -92,7 +159,9 @@ fn a_file_that_is_not_a_database_is_reported_not_overwritten() {
     let p = t.root().join("sessions.db");
     std::fs::write(&p, "just some text\n".repeat(100)).unwrap();
     let before = std::fs::read(&p).unwrap();
-    t.run(["status"]).status(2).one_line_error("not a runner database");
+    t.run(["status"])
+        .status(2)
+        .one_line_error("not a runner database");
     assert_eq!(std::fs::read(&p).unwrap(), before);
     let t2 = TestRoot::new();
     std::fs::create_dir_all(t2.root()).unwrap();
@@ -106,39 +175,89 @@ fn mail_send_list_check_and_completed_recipients() {
     t.agent("b1", "builder", None, &[]);
     let id = t.mail("lead", "b1", "hello");
     assert!(id.starts_with("msg-") && id.len() == 16, "{id}");
-    assert!(id[4..].chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+    assert!(
+        id[4..]
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    );
     let l = t.run(["mail", "list", "--to", "b1", "--json"]);
     l.status(0);
     assert_eq!(l.json()[0]["id"], id.as_str());
     assert_eq!(l.json()[0]["read"], false);
     let c = t.run(["mail", "check", "--agent", "b1"]);
     c.status(0);
-    assert!(c.stdout().contains("[MAIL] From: lead | Subject: task | Priority: normal"), "{}", c.stdout());
+    assert!(
+        c.stdout()
+            .contains("[MAIL] From: lead | Subject: task | Priority: normal"),
+        "{}",
+        c.stdout()
+    );
     assert_eq!(t.i64("mail.db", "SELECT read FROM messages"), 1);
     // a completed recipient is refused unless --force
     t.run(["stop", "--agent", "b1"]).status(0);
-    t.run(["mail", "send", "--from", "lead", "--to", "b1", "--body", "x"]).status(2).one_line_error("--force");
-    t.run(["mail", "send", "--from", "lead", "--to", "b1", "--body", "x", "--force"]).status(0);
+    t.run([
+        "mail", "send", "--from", "lead", "--to", "b1", "--body", "x",
+    ])
+    .status(2)
+    .one_line_error("--force");
+    t.run([
+        "mail", "send", "--from", "lead", "--to", "b1", "--body", "x", "--force",
+    ])
+    .status(0);
     // unregistered names are fine (a coordinator may not be an agent)
-    t.run(["mail", "send", "--from", "coordinator", "--to", "nobody", "--body", "x"]).status(0);
-    assert_eq!(t.run(["mail", "list", "--json"]).json().as_array().unwrap().len(), 3);
+    t.run([
+        "mail",
+        "send",
+        "--from",
+        "coordinator",
+        "--to",
+        "nobody",
+        "--body",
+        "x",
+    ])
+    .status(0);
+    assert_eq!(
+        t.run(["mail", "list", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 }
 
 #[test]
 fn config_and_capability_files_errors_name_the_field() {
     let t = TestRoot::new();
     std::fs::create_dir_all(t.root().join("capabilities")).unwrap();
-    std::fs::write(t.root().join("config.toml"), "[turn]\ngrace = \"soonish\"\n").unwrap();
+    std::fs::write(
+        t.root().join("config.toml"),
+        "[turn]\ngrace = \"soonish\"\n",
+    )
+    .unwrap();
     t.run(["status"]).status(2).one_line_error("turn.grace");
     std::fs::write(t.root().join("config.toml"), "[turn]\ngrace = \"1s\"\n").unwrap();
-    std::fs::write(t.root().join("capabilities/poet.md"), "+++\nterminal_mail = [\"result\"]\non_idle = \"dream\"\n+++\nWrite.\n").unwrap();
-    t.run(["agent", "add", "p1", "--capability", "poet"]).status(2).one_line_error("on_idle");
-    std::fs::write(t.root().join("capabilities/poet.md"), "+++\nterminal_mail = [\"result\"]\non_idle = \"wait\"\n+++\nWrite.\n").unwrap();
+    std::fs::write(
+        t.root().join("capabilities/poet.md"),
+        "+++\nterminal_mail = [\"result\"]\non_idle = \"dream\"\n+++\nWrite.\n",
+    )
+    .unwrap();
+    t.run(["agent", "add", "p1", "--capability", "poet"])
+        .status(2)
+        .one_line_error("on_idle");
+    std::fs::write(
+        t.root().join("capabilities/poet.md"),
+        "+++\nterminal_mail = [\"result\"]\non_idle = \"wait\"\n+++\nWrite.\n",
+    )
+    .unwrap();
     t.agent("p1", "poet", None, &[]);
     // the root's capability: a clean turn without terminal mail waits
-    t.run(["turn", "--agent", "p1", "--message", "go"]).status(0);
+    t.run(["turn", "--agent", "p1", "--message", "go"])
+        .status(0);
     assert_eq!(t.state("p1"), "between_turns");
-    t.run_env(&[("RUNNER_TURN_GRACE", "forever")], ["status"]).status(2).one_line_error("RUNNER_TURN_GRACE");
+    t.run_env(&[("RUNNER_TURN_GRACE", "forever")], ["status"])
+        .status(2)
+        .one_line_error("RUNNER_TURN_GRACE");
 }
 
 /// An overstory-shaped root (old columns, old CHECKs, a few rows) is upgraded
@@ -177,7 +296,13 @@ fn migrates_an_overstory_root_in_place() {
     drop(m);
     let st = t.run(["status", "--json"]);
     st.status(0);
-    let names: Vec<String> = st.json().as_array().unwrap().iter().map(|v| v["agent_name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = st
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["agent_name"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, ["old-builder", "old-lead"]);
     let ml = t.run(["mail", "list", "--json"]);
     ml.status(0);
@@ -185,16 +310,48 @@ fn migrates_an_overstory_root_in_place() {
     let cols: Vec<String> = {
         let c = t.db("sessions.db");
         let mut st = c.prepare("PRAGMA table_info(sessions)").unwrap();
-        st.query_map([], |r| r.get::<_, String>(1)).unwrap().map(Result::unwrap).collect()
+        st.query_map([], |r| r.get::<_, String>(1))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     };
-    for c in ["task_id", "claude_session_id", "runtime", "runtime_command", "model"] {
+    for c in [
+        "task_id",
+        "claude_session_id",
+        "runtime",
+        "runtime_command",
+        "model",
+    ] {
         assert!(cols.iter().any(|x| x == c), "missing {c}: {cols:?}");
     }
-    assert_eq!(t.str("sessions.db", "SELECT task_id FROM sessions WHERE id='s1'").as_deref(), Some("bead-1"));
+    assert_eq!(
+        t.str("sessions.db", "SELECT task_id FROM sessions WHERE id='s1'")
+            .as_deref(),
+        Some("bead-1")
+    );
     // the relaxed state CHECK accepts the new states, the widened type CHECK the new types
-    t.db("sessions.db").execute("UPDATE sessions SET state='between_turns' WHERE id='s1'", []).unwrap();
-    t.run(["mail", "send", "--from", "old-builder", "--to", "old-lead", "--type", "worker_done", "--force"]).status(0);
-    assert_eq!(t.i64("mail.db", "SELECT COUNT(*) FROM messages WHERE tries = 0"), 2);
+    t.db("sessions.db")
+        .execute(
+            "UPDATE sessions SET state='between_turns' WHERE id='s1'",
+            [],
+        )
+        .unwrap();
+    t.run([
+        "mail",
+        "send",
+        "--from",
+        "old-builder",
+        "--to",
+        "old-lead",
+        "--type",
+        "worker_done",
+        "--force",
+    ])
+    .status(0);
+    assert_eq!(
+        t.i64("mail.db", "SELECT COUNT(*) FROM messages WHERE tries = 0"),
+        2
+    );
     // idempotent: a second open changes nothing
     t.run(["status"]).status(0);
     assert_eq!(t.i64("sessions.db", "PRAGMA user_version"), 1);

@@ -53,7 +53,8 @@ impl Run {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout()))
+        serde_json::from_slice(&self.out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout()))
     }
 
     /// Asserts stderr is one clear line containing `needle`, without a panic.
@@ -69,7 +70,12 @@ impl Run {
 
 impl TestRoot {
     pub fn new() -> TestRoot {
-        TestRoot { dir: tempfile::Builder::new().prefix("runner-it-").tempdir().unwrap() }
+        TestRoot {
+            dir: tempfile::Builder::new()
+                .prefix("runner-it-")
+                .tempdir()
+                .unwrap(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -119,7 +125,10 @@ impl TestRoot {
         let args: Vec<String> = args.into_iter().map(|a| a.as_ref().to_string()).collect();
         let mut c = self.cmd(&args);
         c.envs(env.iter().copied());
-        Run { out: c.output().unwrap(), args }
+        Run {
+            out: c.output().unwrap(),
+            args,
+        }
     }
 
     pub fn spawn<I, S>(&self, args: I) -> Child
@@ -127,12 +136,36 @@ impl TestRoot {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        // stderr to a file: an undrained pipe would block the runner's progress output.
+        let n = std::sync::atomic::AtomicUsize::new(0)
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::fs::File::create(
+            self.path()
+                .join(format!("spawn-{}-{n}.stderr", std::process::id())),
+        )
+        .unwrap();
+        self.cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap()
     }
 
     /// Registers an agent whose CLI is `runner fake-agent <fake...>`.
-    pub fn agent(&self, name: &str, capability: &str, parent: Option<&str>, fake: &[&str]) -> &TestRoot {
-        let mut args: Vec<String> = vec!["agent".into(), "add".into(), name.into(), "--capability".into(), capability.into()];
+    pub fn agent(
+        &self,
+        name: &str,
+        capability: &str,
+        parent: Option<&str>,
+        fake: &[&str],
+    ) -> &TestRoot {
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "add".into(),
+            name.into(),
+            "--capability".into(),
+            capability.into(),
+        ];
         if let Some(p) = parent {
             args.extend(["--parent".into(), p.into()]);
         }
@@ -140,11 +173,23 @@ impl TestRoot {
         args.extend(["--command".into(), BIN.into(), "fake-agent".into()]);
         args.extend(fake.iter().map(|s| s.to_string()));
         self.run(&args).status(0);
+        self.run(["init"]).status(0);
         self
     }
 
     pub fn mail(&self, from: &str, to: &str, body: &str) -> String {
-        let r = self.run(["mail", "send", "--from", from, "--to", to, "--subject", "task", "--body", body]);
+        let r = self.run([
+            "mail",
+            "send",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--subject",
+            "task",
+            "--body",
+            body,
+        ]);
         r.status(0);
         r.stdout().trim().to_string()
     }
@@ -156,15 +201,23 @@ impl TestRoot {
     }
 
     pub fn i64(&self, db: &str, sql: &str) -> i64 {
-        self.db(db).query_row(sql, [], |r| r.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+        self.db(db)
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     pub fn str(&self, db: &str, sql: &str) -> Option<String> {
-        self.db(db).query_row(sql, [], |r| r.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+        self.db(db)
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     pub fn state(&self, agent: &str) -> String {
-        self.str("sessions.db", &format!("SELECT state FROM sessions WHERE agent_name='{agent}'")).unwrap()
+        self.str(
+            "sessions.db",
+            &format!("SELECT state FROM sessions WHERE agent_name='{agent}'"),
+        )
+        .unwrap()
     }
 
     /// The last turn row of an agent, as JSON (`runner turns --json`).
@@ -175,7 +228,12 @@ impl TestRoot {
     }
 
     pub fn worker_died(&self, parent: &str) -> i64 {
-        self.i64("mail.db", &format!("SELECT COUNT(*) FROM messages WHERE to_agent='{parent}' AND type='worker_died'"))
+        self.i64(
+            "mail.db",
+            &format!(
+                "SELECT COUNT(*) FROM messages WHERE to_agent='{parent}' AND type='worker_died'"
+            ),
+        )
     }
 
     /// Live (non-zombie) processes carrying this root in their environment.
@@ -184,7 +242,9 @@ impl TestRoot {
         runner::os::all_pids()
             .into_iter()
             .filter(|&p| p != std::process::id() as i32)
-            .filter(|&p| runner::os::is_alive(p, None) && runner::os::environ_contains(p, tag.as_bytes()))
+            .filter(|&p| {
+                runner::os::is_alive(p, None) && runner::os::environ_contains(p, tag.as_bytes())
+            })
             .collect()
     }
 
@@ -193,9 +253,15 @@ impl TestRoot {
     pub fn assert_clean(&self, agent: &str) {
         let dir = self.root().join("agents").join(agent);
         assert!(!dir.join("turn.pid").exists(), "turn.pid left behind");
-        assert!(!runner::lease::is_held(&dir.join("turn.lock")), "lease still held");
+        assert!(
+            !runner::lease::is_held(&dir.join("turn.lock")),
+            "lease still held"
+        );
         let live = self.live_processes();
-        assert!(live.is_empty(), "processes of the turn still alive: {live:?}");
+        assert!(
+            live.is_empty(),
+            "processes of the turn still alive: {live:?}"
+        );
     }
 
     pub fn turn_dir(&self, agent: &str, turn_id: &str) -> PathBuf {

@@ -12,14 +12,20 @@ fn dump(t: &TestRoot) -> String {
         ("sessions.db", "SELECT * FROM sessions ORDER BY agent_name"),
         ("sessions.db", "SELECT * FROM turns ORDER BY turn_id"),
         ("mail.db", "SELECT * FROM messages ORDER BY rowid"),
-        ("events.db", "SELECT id, turn_id, line_no, event_type FROM events ORDER BY id"),
+        (
+            "events.db",
+            "SELECT id, turn_id, line_no, event_type FROM events ORDER BY id",
+        ),
     ] {
         let c = t.db(db);
         let mut st = c.prepare(sql).unwrap();
         let n = st.column_count();
         let rows = st
             .query_map([], |r| {
-                Ok((0..n).map(|i| format!("{:?}", r.get_ref(i).unwrap())).collect::<Vec<_>>().join("|"))
+                Ok((0..n)
+                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("|"))
             })
             .unwrap();
         for r in rows {
@@ -35,15 +41,26 @@ fn dump(t: &TestRoot) -> String {
 #[test]
 fn sweep_after_a_runner_is_killed_mid_stream() {
     let t = TestRoot::new();
-    t.agent("b1", "lead", None, &["--lines", "10000", "--rate", "1000", "--line-bytes", "300"]);
+    t.agent(
+        "b1",
+        "lead",
+        None,
+        &["--lines", "10000", "--rate", "1000", "--line-bytes", "300"],
+    );
     let id = t.mail("orchestrator", "b1", "x");
     let child = t.spawn(["turn", "--agent", "b1", "--stall", "60s"]);
     wait_for(Duration::from_secs(20), "events to flow", || {
-        t.i64("events.db", "SELECT COUNT(*) FROM events WHERE line_no IS NOT NULL") > 200
+        t.i64(
+            "events.db",
+            "SELECT COUNT(*) FROM events WHERE line_no IS NOT NULL",
+        ) > 200
     });
     signal(child.id(), Signal::SIGKILL);
     let _ = wait_child(child, Duration::from_secs(10));
-    assert!(!t.live_processes().is_empty(), "the agent outlived its runner");
+    assert!(
+        !t.live_processes().is_empty(),
+        "the agent outlived its runner"
+    );
     let r = t.run(["sweep", "--json"]);
     r.status(0);
     let rep = r.json();
@@ -54,9 +71,11 @@ fn sweep_after_a_runner_is_killed_mid_stream() {
     assert_eq!(t.state("b1"), "between_turns");
     let (tries, after, claimed): (i64, Option<String>, Option<String>) = t
         .db("mail.db")
-        .query_row("SELECT tries, process_after, claimed_by FROM messages WHERE id=?1", [&id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT tries, process_after, claimed_by FROM messages WHERE id=?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap();
     assert_eq!(tries, 1);
     assert!(claimed.is_none());
@@ -65,11 +84,21 @@ fn sweep_after_a_runner_is_killed_mid_stream() {
     assert_eq!(row["outcome"], "failed");
     assert_eq!(row["reason"], "runner died");
     // every complete line in stdout.ndjson is in events exactly once
-    let nd = std::fs::read(t.turn_dir("b1", row["turn_id"].as_str().unwrap()).join("stdout.ndjson")).unwrap();
+    let nd = std::fs::read(
+        t.turn_dir("b1", row["turn_id"].as_str().unwrap())
+            .join("stdout.ndjson"),
+    )
+    .unwrap();
     let complete = nd.iter().filter(|&&b| b == b'\n').count() as i64;
     let turn = row["turn_id"].as_str().unwrap();
     assert_eq!(t.i64("events.db", &format!("SELECT COUNT(DISTINCT line_no) FROM events WHERE turn_id='{turn}' AND line_no IS NOT NULL")), complete);
-    assert_eq!(t.i64("events.db", &format!("SELECT COUNT(*) FROM events WHERE turn_id='{turn}' AND line_no IS NOT NULL")), complete);
+    assert_eq!(
+        t.i64(
+            "events.db",
+            &format!("SELECT COUNT(*) FROM events WHERE turn_id='{turn}' AND line_no IS NOT NULL")
+        ),
+        complete
+    );
     let before = dump(&t);
     let r2 = t.run(["sweep", "--json"]);
     r2.status(0);
@@ -85,7 +114,9 @@ fn sweep_leaves_a_fresh_turn_and_its_agents_claims_alone() {
     let t = TestRoot::new();
     t.agent("b1", "lead", None, &["--silent-ms", "1500"]);
     let child = t.spawn(["turn", "--agent", "b1", "--message", "go", "--stall", "60s"]);
-    wait_for(Duration::from_secs(20), "the turn", || t.root().join("agents/b1/turn.pid").exists());
+    wait_for(Duration::from_secs(20), "the turn", || {
+        t.root().join("agents/b1/turn.pid").exists()
+    });
     t.db("mail.db")
         .execute(
             "INSERT INTO messages (id, from_agent, to_agent, subject, body, type, priority, read, created_at, claimed_by, claimed_at, tries) \
@@ -96,7 +127,13 @@ fn sweep_leaves_a_fresh_turn_and_its_agents_claims_alone() {
     let r = t.run(["sweep", "--json"]);
     r.status(0);
     assert_eq!(r.json()["turns_stopped"], 0);
-    assert_eq!(t.i64("mail.db", "SELECT tries FROM messages WHERE id='msg-orphan000001'"), 0);
+    assert_eq!(
+        t.i64(
+            "mail.db",
+            "SELECT tries FROM messages WHERE id='msg-orphan000001'"
+        ),
+        0
+    );
     let out = wait_child(child, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(0), "the turn ran to its end");
     assert_eq!(t.last_turn("b1")["outcome"], "waiting");
@@ -107,16 +144,37 @@ fn sweep_stops_a_live_turn_past_the_ceiling() {
     let t = TestRoot::new();
     t.agent("lead", "lead", None, &[]);
     t.agent("b1", "builder", Some("lead"), &["--stall"]);
-    let child = t.spawn(["turn", "--agent", "b1", "--message", "go", "--stall", "1h", "--grace", "200ms"]);
-    wait_for(Duration::from_secs(20), "the turn", || t.state("b1") == "in_turn");
+    let child = t.spawn([
+        "turn",
+        "--agent",
+        "b1",
+        "--message",
+        "go",
+        "--stall",
+        "1h",
+        "--grace",
+        "200ms",
+    ]);
+    wait_for(Duration::from_secs(20), "the turn", || {
+        t.state("b1") == "in_turn"
+    });
     // Age the turn: the lease says it began 2 min ago, the last line 1 h ago.
     let lock = t.root().join("agents/b1/turn.lock");
-    let mut info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&lock).unwrap()).unwrap();
+    let mut info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&lock).unwrap()).unwrap();
     info["acquired_at"] = "2026-01-01T00:00:00.000Z".into();
     info["stall_timeout_ms"] = 1000.into();
     std::fs::write(&lock, info.to_string()).unwrap();
-    t.db("sessions.db").execute("UPDATE sessions SET last_activity='2026-01-01T00:00:00.000Z' WHERE agent_name='b1'", []).unwrap();
-    let dry = t.run_env(&[("RUNNER_SWEEP_CEILING", "30s")], ["sweep", "--dry-run", "--json"]);
+    t.db("sessions.db")
+        .execute(
+            "UPDATE sessions SET last_activity='2026-01-01T00:00:00.000Z' WHERE agent_name='b1'",
+            [],
+        )
+        .unwrap();
+    let dry = t.run_env(
+        &[("RUNNER_SWEEP_CEILING", "30s")],
+        ["sweep", "--dry-run", "--json"],
+    );
     dry.status(0);
     assert_eq!(dry.json()["turns_stopped"], 1);
     assert_eq!(t.state("b1"), "in_turn", "dry run changes nothing");
