@@ -22,7 +22,7 @@ pub enum LeaseError {
     #[error("{}", busy_message(.agent, .holder))]
     Busy {
         agent: String,
-        holder: Option<LeaseInfo>,
+        holder: Option<Box<LeaseInfo>>,
     },
     #[error("lease file {path}: {source}")]
     Io {
@@ -32,7 +32,7 @@ pub enum LeaseError {
     },
 }
 
-fn busy_message(agent: &str, holder: &Option<LeaseInfo>) -> String {
+fn busy_message(agent: &str, holder: &Option<Box<LeaseInfo>>) -> String {
     match holder {
         Some(h) => format!(
             "agent {agent} is busy: turn {} (runner pid {}) since {}",
@@ -114,7 +114,7 @@ impl Lease {
             if now >= deadline {
                 return Err(LeaseError::Busy {
                     agent: agent.to_string(),
-                    holder: read_info(path),
+                    holder: read_info(path).map(Box::new),
                 });
             }
             tokio::time::sleep(pause.min(deadline - now)).await;

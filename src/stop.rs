@@ -15,7 +15,7 @@ use crate::claim::{self, Fate};
 use crate::clock;
 use crate::ctx::Ctx;
 use crate::error::{Result, usage};
-use crate::lease::{self, Lease, LeaseError};
+use crate::lease::{self, Lease};
 use crate::mail::{Died, worker_died};
 use crate::os::{self, Sig, TurnProcs};
 use crate::root::check_name;
@@ -71,12 +71,7 @@ pub async fn stop(
             rep.signalled_runner = Some(info.runner_pid);
         }
         // Returns when the lease is free: the runner has settled the turn.
-        let l = Lease::acquire(&lock, agent, wait)
-            .await
-            .map_err(|e| match e {
-                LeaseError::Busy { agent, holder } => LeaseError::Busy { agent, holder },
-                other => other,
-            })?;
+        let l = Lease::acquire(&lock, agent, wait).await?;
         drop(l);
         rep.message = match rep.signalled_runner {
             Some(p) => format!("{agent} stopped: its turn (runner pid {p}) was ended"),

@@ -284,7 +284,7 @@ pub async fn ingest<R: AsyncRead + Unpin>(mut stdout: R, mut ing: Ingest) -> Str
     loop {
         let n = tokio::select! {
             biased;
-            r = stdout.read(&mut buf) => match r { Ok(n) => n, Err(_) => 0 },
+            r = stdout.read(&mut buf) => r.unwrap_or(0),
             _ = ing.stop.changed() => break,
         };
         let mut rows: Vec<EventRow> = Vec::new();

@@ -213,7 +213,7 @@ pub async fn run(
         Vec::new()
     } else {
         store.tx("claiming mail", |tx| {
-            mailstore::claim_due(tx, agent, &turn_id, &now, MAX_MAIL_PER_TURN).map_err(Into::into)
+            mailstore::claim_due(tx, agent, &turn_id, &now, MAX_MAIL_PER_TURN)
         })?
     };
     if claimed.is_empty() && req.message.is_none() {
@@ -537,10 +537,8 @@ impl Running<'_> {
                             self.log.line(format!("could not mark in_turn: {e}"));
                         }
                     }
-                    Notice::EndOfTurn => {
-                        if self.runtime.stdin_policy() == StdinPolicy::KeepUntilEndOfTurn {
-                            let _ = stdin_tx.send(StdinCmd::Close);
-                        }
+                    Notice::EndOfTurn if self.runtime.stdin_policy() == StdinPolicy::KeepUntilEndOfTurn => {
+                        let _ = stdin_tx.send(StdinCmd::Close);
                     }
                     Notice::Progress(p) => self.say(p),
                     _ => {}

@@ -68,6 +68,12 @@ impl Run {
     }
 }
 
+impl Default for TestRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl TestRoot {
     pub fn new() -> TestRoot {
         TestRoot {

@@ -140,7 +140,7 @@ fn failed_turns_retry_the_mail_with_backoff() {
     assert_eq!((read, tries), (0, 1));
     assert!(claimed_by.is_none() && dead.is_none());
     assert!(
-        after.unwrap() > row["ended_at"].as_str().unwrap().to_string(),
+        after.as_deref().unwrap() > row["ended_at"].as_str().unwrap(),
         "process_after in the future"
     );
     assert_eq!(t.worker_died("lead"), 0);
