@@ -14,6 +14,7 @@ pub mod ctx;
 pub mod demo;
 pub mod error;
 pub mod fake_agent;
+pub mod fault;
 pub mod lease;
 pub mod mail;
 pub mod ops;

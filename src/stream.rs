@@ -318,6 +318,9 @@ fn flush(ing: &mut Ingest, rows: &mut Vec<EventRow>, rep: &StreamReport) {
     if rows.is_empty() {
         return;
     }
+    if crate::fault::armed() && rep.lines >= 50 {
+        crate::fault::hit("mid_stream");
+    }
     let batch = Batch {
         created_at: crate::clock::now(),
         session_id: rep.session_id.clone(),

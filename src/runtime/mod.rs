@@ -104,6 +104,11 @@ pub trait Runtime: Send + Sync {
     fn stdin_policy(&self) -> StdinPolicy;
     fn parser(&self) -> Box<dyn Parser>;
     fn graceful_stop(&self) -> Graceful;
+    /// True when the CLI reports token usage as running totals over the
+    /// whole conversation (codex): the turn stores the difference.
+    fn cumulative_usage(&self) -> bool {
+        false
+    }
     /// When the CLI did not know the session it was asked to resume: its message.
     fn unknown_resume(
         &self,

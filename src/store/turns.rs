@@ -211,3 +211,20 @@ pub fn total_cost(conn: &Connection, agent: &str) -> Result<f64> {
     )
     .ctx("summing cost")
 }
+
+/// Tokens already stored for earlier turns of a conversation (for CLIs that
+/// report running totals).
+pub fn tokens_before(
+    conn: &Connection,
+    agent: &str,
+    session_id: &str,
+    turn_id: &str,
+) -> Result<(i64, i64)> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0) FROM turns \
+         WHERE agent_name=?1 AND session_id=?2 AND turn_id<>?3",
+        params![agent, session_id, turn_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .ctx("summing earlier tokens")
+}

@@ -439,6 +439,7 @@ impl Running<'_> {
             ));
             return ex;
         }
+        crate::fault::hit("before_spawn");
         let mut child = match spawn::spawn_agent(&spec.program, &spec.args, cwd, &env) {
             Ok(c) => c,
             Err(e) => {
@@ -459,6 +460,7 @@ impl Running<'_> {
             "spawned {} (pid {pid:?}) args {:?}",
             spec.program, spec.args
         ));
+        crate::fault::hit("after_spawn");
         self.say(Progress::Started {
             turn_id: self.turn_id.to_string(),
             pid: pid.map(|p| p as u32),
@@ -589,6 +591,7 @@ impl Running<'_> {
             }
         };
         // 8. The agent exited: leftovers, leak timeout, kill, drain.
+        crate::fault::hit("after_exit");
         match status {
             Ok(st) => {
                 ex.exit_code = st.code();
@@ -888,6 +891,14 @@ fn finish(
             mailstore::insert(tx, &m, &now)?;
         }
         let final_state = sessions::current(tx, agent)?;
+        let (mut input_tokens, mut output_tokens) = (s.result.input_tokens, s.result.output_tokens);
+        if runtime.cumulative_usage()
+            && let Some(sid) = &s.session_id
+        {
+            let (i, o) = turns::tokens_before(tx, agent, sid, turn_id)?;
+            input_tokens = input_tokens.map(|t| (t - i).max(0));
+            output_tokens = output_tokens.map(|t| (t - o).max(0));
+        }
         let show_stderr = s.valid_events == 0 || d.outcome != Outcome::Done;
         let row = TurnRow {
             ended_at: Some(now.clone()),
@@ -906,8 +917,8 @@ fn finish(
             malformed_lines: s.malformed as i64,
             bytes: s.bytes as i64,
             cost_usd: s.result.cost_usd,
-            input_tokens: s.result.input_tokens,
-            output_tokens: s.result.output_tokens,
+            input_tokens,
+            output_tokens,
             num_turns: s.result.num_turns,
             result_text: s.result.result_text.clone(),
             stderr_tail: if show_stderr && !ex.stderr_tail.is_empty() {
@@ -919,6 +930,7 @@ fn finish(
             ..start_row.clone()
         };
         turns::finish(tx, &row)?;
+        crate::fault::hit("during_final_write");
         Ok((d, final_state))
     })?;
     log.line(format!(
