@@ -140,7 +140,7 @@ fn serve(t: &TestRoot, env: &[(&str, &str)], extra: &[&str]) -> std::process::Ch
     c.spawn().unwrap()
 }
 
-/// Agents that succeed, fail, and fail then succeed: after serve drains them
+/// 50 agents × 20 messages; agents that succeed, fail, and fail then succeed: after serve drains them
 /// every message is delivered exactly once or dead after 5 tries, and no two
 /// turns of one agent overlap.
 #[test]
@@ -148,7 +148,7 @@ fn serve_drains_a_mixed_fleet_exactly_once() {
     let t = TestRoot::new();
     let env = [("RUNNER_RETRY_BACKOFF_BASE", "20ms")];
     let mut kinds = HashMap::new();
-    for i in 0..9 {
+    for i in 0..50 {
         let name = format!("a{i}");
         let counter = t.path().join(format!("{name}.count")).display().to_string();
         let fake: Vec<&str> = match i % 3 {
@@ -158,11 +158,11 @@ fn serve_drains_a_mixed_fleet_exactly_once() {
         };
         t.agent(&name, "lead", None, &fake);
         kinds.insert(name.clone(), i % 3);
-        for m in 0..4 {
+        for m in 0..20 {
             t.mail("orchestrator", &name, &format!("m{m}"));
         }
     }
-    let child = serve(&t, &env, &["--max-concurrent", "4"]);
+    let child = serve(&t, &env, &["--max-concurrent", "8"]);
     wait_for(Duration::from_secs(120), "serve to drain the mail", || {
         t.i64(
             "mail.db",
@@ -183,7 +183,7 @@ fn serve_drains_a_mixed_fleet_exactly_once() {
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(rows.len(), 36);
+    assert_eq!(rows.len(), 1000);
     for (agent, read, tries, dead, claimed_by) in rows {
         match kinds[&agent] {
             1 => assert!(
@@ -223,15 +223,29 @@ fn serve_drains_a_mixed_fleet_exactly_once() {
     }
     // retry times follow the backoff: process_after = end of the failed turn + 20ms·2^(tries-1)
     for (agent, k) in &kinds {
-        if *k == 1 {
-            assert_eq!(
-                t.i64(
-                    "sessions.db",
-                    &format!(
-                        "SELECT COUNT(*) FROM turns WHERE agent_name='{agent}' AND outcome='failed'"
-                    )
-                ),
-                5
+        if *k != 1 {
+            continue;
+        }
+        let mut st = s
+            .prepare(
+                "SELECT started_at, ended_at FROM turns WHERE agent_name=?1 ORDER BY started_at",
+            )
+            .unwrap();
+        let times: Vec<(String, String)> = st
+            .query_map([agent], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(times.len(), 5, "{agent}: one turn per try");
+        for (k, w) in times.windows(2).enumerate() {
+            let ended = runner::clock::parse_ts(&w[0].1).unwrap();
+            let next = runner::clock::parse_ts(&w[1].0).unwrap();
+            let gap = next.duration_since(ended).unwrap_or_default();
+            let backoff = Duration::from_millis(20 << k);
+            assert!(
+                gap >= backoff,
+                "{agent}: retry {} came {gap:?} after the failure, backoff {backoff:?}",
+                k + 1
             );
         }
     }
