@@ -1,16 +1,16 @@
 //! `events.db`: the event writer and event queries.
 //!
 //! The writer is one thread owning one connection. It receives batches of
-//! rows over a bounded channel and commits when it has written 512 rows or
-//! when nothing more is waiting, so a row is committed well within 100 ms
-//! of arrival and a flood is written in large transactions. A full channel
+//! rows over a bounded channel and commits once 512 rows are waiting or the
+//! oldest has waited 50 ms, so a row is committed within 100 ms of arrival
+//! and a flood is written in transactions of about 512 rows. A full channel
 //! slows the sender; nothing is dropped. Each stdout line's rows arrive in
 //! one batch, so a line is either wholly in `events` or not at all — the
 //! sweep relies on `line_no` to replay exactly the missing lines.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 use serde::Serialize;
@@ -90,6 +90,8 @@ pub struct Writer {
 
 /// Rows committed in one transaction at most (SPEC §6.1: every 512 events).
 pub const MAX_ROWS_PER_COMMIT: usize = 512;
+/// Rows are committed at most this long after they arrive (SPEC §6.1: 100 ms).
+pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
 
 impl Writer {
     /// Starts the writer on its own connection to `<root>/events.db`.
@@ -140,23 +142,44 @@ impl Writer {
 
 fn run_writer(mut conn: Connection, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
     let mut total = 0u64;
-    // Wait for the first batch of a transaction, then write whatever else is
-    // already queued, up to the row cap, and commit.
-    while let Ok(first) = rx.recv() {
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .ctx("writing events")?;
-        let mut rows = write_batch(&tx, &tag, &first)?;
-        while rows < MAX_ROWS_PER_COMMIT {
-            match rx.recv_timeout(Duration::ZERO) {
-                Ok(b) => rows += write_batch(&tx, &tag, &b)?,
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+    let mut pending: Vec<Batch> = Vec::new();
+    let mut rows = 0usize;
+    let mut due = Instant::now();
+    // Rows wait in memory, not in an open transaction: the write lock is held
+    // only while a full batch (512 rows) or an old one (COMMIT_EVERY) is written.
+    loop {
+        let msg = if pending.is_empty() {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(due.saturating_duration_since(Instant::now()))
+        };
+        let closed = match msg {
+            Ok(b) => {
+                if pending.is_empty() {
+                    due = Instant::now() + COMMIT_EVERY;
+                }
+                rows += b.rows.len();
+                pending.push(b);
+                false
             }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        if !pending.is_empty() && (closed || rows >= MAX_ROWS_PER_COMMIT || Instant::now() >= due) {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .ctx("writing events")?;
+            for b in pending.drain(..) {
+                write_batch(&tx, &tag, &b)?;
+            }
+            tx.commit().ctx("committing events")?;
+            total += rows as u64;
+            rows = 0;
         }
-        tx.commit().ctx("committing events")?;
-        total += rows as u64;
+        if closed {
+            return Ok(total);
+        }
     }
-    Ok(total)
 }
 
 #[derive(Debug, Clone, Serialize)]
