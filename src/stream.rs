@@ -386,6 +386,16 @@ fn handle(
         rep.verdict = Some(clean);
         rep.result = ing.parser.result();
         let _ = ing.notices.send(Notice::EndOfTurn);
+        if ing.progress {
+            let text = rep
+                .result
+                .result_text
+                .as_deref()
+                .map(|t| crate::runtime::cut(t, 200));
+            let _ = ing
+                .notices
+                .send(Notice::Progress(Progress::Result { clean, text }));
+        }
     }
     if ing.progress {
         for r in &rows[before..] {
@@ -433,13 +443,6 @@ fn progress_of(r: &EventRow) -> Option<Progress> {
             name: r.tool_name.clone().unwrap_or_else(|| "tool".into()),
             ms: r.tool_duration_ms,
             error: r.level == "warn",
-        }),
-        "result" => Some(Progress::Result {
-            clean: r.level != "error",
-            text: v
-                .get("result")
-                .and_then(Value::as_str)
-                .map(|t| crate::runtime::cut(t, 200)),
         }),
         _ => None,
     }

@@ -288,18 +288,7 @@ impl Parser for ClaudeParser {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(p: &mut ClaudeParser, line: &str) -> (Vec<EventRow>, LineFacts) {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let obj = v.as_object().unwrap();
-        let mut rows = Vec::new();
-        let f = p.line(obj["type"].as_str().unwrap(), obj, &mut rows);
-        (rows, f)
-    }
-
-    fn kinds(rows: &[EventRow]) -> Vec<(&str, &str)> {
-        rows.iter().map(|r| (r.event_type, r.level)).collect()
-    }
+    use crate::runtime::testkit::{kinds, parse};
 
     /// SPEC §8's mapping table, row by row.
     #[test]

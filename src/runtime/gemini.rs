@@ -207,32 +207,18 @@ impl Parser for GeminiParser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capability::{Capability, OnIdle};
-    use crate::config::Config;
-    use crate::store::sessions::Session;
+    use crate::runtime::testkit::{kinds, parse};
 
-    fn parse(p: &mut GeminiParser, line: &str) -> (Vec<EventRow>, LineFacts) {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let obj = v.as_object().unwrap();
-        let mut rows = Vec::new();
-        let f = p.line(obj["type"].as_str().unwrap(), obj, &mut rows);
-        (rows, f)
-    }
-
-    fn kinds(rows: &[EventRow]) -> Vec<(&str, &str)> {
-        rows.iter().map(|r| (r.event_type, r.level)).collect()
-    }
-
-    /// Every line of a capture through one parser: rows and facts per line.
     fn replay(stdout: &str) -> (GeminiParser, Vec<(Vec<EventRow>, LineFacts)>) {
-        let mut p = GeminiParser::default();
-        let out = stdout
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| parse(&mut p, l))
-            .collect();
-        (p, out)
+        crate::runtime::testkit::replay(stdout)
     }
+
+    fn session(model: Option<&str>) -> crate::store::sessions::Session {
+        crate::runtime::testkit::session("gemini", model)
+    }
+
+    use crate::config::Config;
+    use crate::runtime::testkit::capability;
 
     /// One mapping per line type.
     #[test]
@@ -494,38 +480,6 @@ mod tests {
                 want,
                 "{stderr:?} {exit:?}"
             );
-        }
-    }
-
-    fn session(model: Option<&str>) -> Session {
-        Session {
-            id: "s".into(),
-            agent_name: "a".into(),
-            capability: "builder".into(),
-            worktree_path: "/w".into(),
-            branch_name: "b".into(),
-            task_id: "t".into(),
-            state: "between_turns".into(),
-            parent_agent: None,
-            depth: 0,
-            run_id: None,
-            started_at: String::new(),
-            last_activity: String::new(),
-            claude_session_id: None,
-            runtime: "gemini".into(),
-            runtime_command: None,
-            model: model.map(str::to_string),
-        }
-    }
-
-    fn capability(instructions: &str) -> Capability {
-        Capability {
-            name: "builder".into(),
-            terminal_mail: Vec::new(),
-            on_idle: OnIdle::Exit,
-            stall_timeout: None,
-            permission_mode: None,
-            instructions: instructions.into(),
         }
     }
 

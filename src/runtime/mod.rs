@@ -11,6 +11,8 @@ pub mod claude;
 pub mod codex;
 pub mod command;
 pub mod gemini;
+#[cfg(test)]
+pub(crate) mod testkit;
 
 use std::collections::BTreeMap;
 

@@ -565,7 +565,7 @@ impl Running<'_> {
                             ex.abort = Some(Abort::Signal);
                             ex.leaked |= others_alive(&procs);
                             self.log.line("signal: aborting the turn");
-                            self.say(Progress::Escalating("interrupted".into()));
+                            self.say(Progress::Escalating("a signal reached the runner (stop or interrupt)".into()));
                             (step, next_step_at) = self.escalate(Step::Idle, &procs, &stdin_tx);
                         }
                         _ => {
@@ -789,11 +789,34 @@ async fn drain_stderr(
     }
 }
 
-/// The first meaningful line of the agent's stderr (what `refused` shows).
+/// The line of the agent's stderr that explains a refusal: the first one
+/// that reads like an error, else the last meaningful one. Banners the CLIs
+/// print on every run (codex's PATH-alias warning, gemini's YOLO and colour
+/// notices) are never it.
 pub fn stderr_headline(tail: &str) -> Option<String> {
-    tail.lines()
+    const NOISE: [&str; 4] = [
+        "WARNING: proceeding",
+        "YOLO mode is enabled",
+        "Warning: 256-color",
+        "Loaded cached credentials",
+    ];
+    const ERRORISH: [&str; 12] = [
+        "error", "invalid", "denied", "cannot", "can't", "refus", "unknown", "fail", "not ",
+        "requires", "must", "no such",
+    ];
+    let lines: Vec<&str> = tail
+        .lines()
         .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with("WARNING: proceeding"))
+        .filter(|l| !l.is_empty() && !NOISE.iter().any(|n| l.starts_with(n)))
+        .collect();
+    let errorish = |l: &&&str| {
+        let low = l.to_ascii_lowercase();
+        ERRORISH.iter().any(|e| low.contains(e))
+    };
+    lines
+        .iter()
+        .find(errorish)
+        .or(lines.last())
         .map(|l| runtime::cut(l, 500))
 }
 
@@ -899,7 +922,11 @@ fn finish(
             input_tokens = input_tokens.map(|t| (t - i).max(0));
             output_tokens = output_tokens.map(|t| (t - o).max(0));
         }
-        let show_stderr = s.valid_events == 0 || d.outcome != Outcome::Done;
+        let clean = matches!(
+            d.outcome,
+            Outcome::Done | Outcome::Exited | Outcome::Waiting
+        );
+        let show_stderr = s.valid_events == 0 || !clean;
         let row = TurnRow {
             ended_at: Some(now.clone()),
             agent_pid: ex.agent_pid.map(i64::from),
@@ -1021,4 +1048,34 @@ fn reason_for(d: &Decision, ex: &Execution, unknown_resume: Option<&str>) -> Opt
 /// Makes sure an error from a turn carries the right exit code.
 pub fn is_busy(e: &Error) -> bool {
     crate::error::exit_code(e) == 4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stderr_headline;
+
+    #[test]
+    fn the_headline_is_the_error_not_the_banner() {
+        let gemini = "YOLO mode is enabled. All tool calls will be automatically approved.\nInvalid auth method selected.\n";
+        assert_eq!(
+            stderr_headline(gemini).as_deref(),
+            Some("Invalid auth method selected.")
+        );
+        let claude = "--dangerously-skip-permissions cannot be used with root/sudo privileges for security reasons\n";
+        assert!(
+            stderr_headline(claude)
+                .unwrap()
+                .starts_with("--dangerously-skip-permissions cannot")
+        );
+        let codex = "WARNING: proceeding, even though we could not create PATH aliases\nerror: unexpected argument '--bogus' found\n";
+        assert_eq!(
+            stderr_headline(codex).as_deref(),
+            Some("error: unexpected argument '--bogus' found")
+        );
+        assert_eq!(
+            stderr_headline("just talking\n").as_deref(),
+            Some("just talking")
+        );
+        assert_eq!(stderr_headline("\n  \n"), None);
+    }
 }
