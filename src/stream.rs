@@ -108,7 +108,7 @@ impl Framer {
 }
 
 fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
+    memchr::memchr(needle, hay)
 }
 
 /// Counters and facts of a stream, as the ingest leaves them.

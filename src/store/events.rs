@@ -52,34 +52,77 @@ pub fn open(root: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-const INSERT: &str = "INSERT INTO events (run_id, agent_name, session_id, event_type, tool_name, tool_args, \
-    tool_duration_ms, level, data, created_at, turn_id, line_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
-
 /// Writes rows directly (small writes: turn_start, turn_end, replays).
 pub fn insert_rows(conn: &mut Connection, tag: &TurnTag, batch: &Batch) -> Result<usize> {
     immediate(conn, "writing events", |tx| write_batch(tx, tag, batch))
 }
 
-fn write_batch(conn: &Connection, tag: &TurnTag, b: &Batch) -> Result<usize> {
-    let mut st = conn.prepare_cached(INSERT).ctx("writing events")?;
-    for r in &b.rows {
-        st.execute(params![
-            tag.run_id,
-            tag.agent_name,
-            b.session_id,
-            r.event_type,
-            r.tool_name,
-            r.tool_args,
-            r.tool_duration_ms,
-            r.level,
-            r.data,
-            b.created_at,
-            tag.turn_id,
-            r.line_no
-        ])
-        .ctx("writing events")?;
+/// Rows per multi-row INSERT: one statement execution (and one
+/// AUTOINCREMENT bookkeeping step) per chunk instead of per row.
+const CHUNK: usize = 64;
+/// Values bound per row.
+const PER_ROW: usize = 9;
+static FULL_CHUNK_SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `INSERT … VALUES (…), (…)` for `n` rows. ?1–?3 are shared (run_id,
+/// agent_name, turn_id); each row has nine of its own.
+fn insert_sql(n: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO events (run_id, agent_name, turn_id, session_id, created_at, event_type, tool_name, \
+         tool_args, tool_duration_ms, level, data, line_no) VALUES ",
+    );
+    for r in 0..n {
+        let b = 4 + r * PER_ROW;
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?1,?2,?3");
+        for k in 0..PER_ROW {
+            sql.push_str(&format!(",?{}", b + k));
+        }
+        sql.push(')');
     }
-    Ok(b.rows.len())
+    sql
+}
+
+fn write_batch(conn: &Connection, tag: &TurnTag, b: &Batch) -> Result<usize> {
+    write_batches(conn, tag, std::slice::from_ref(b))
+}
+
+/// Writes every row of `batches`, in order, 64 rows per statement.
+fn write_batches(conn: &Connection, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
+    let all: Vec<(&Batch, &EventRow)> = batches
+        .iter()
+        .flat_map(|b| b.rows.iter().map(move |r| (b, r)))
+        .collect();
+    for chunk in all.chunks(CHUNK) {
+        let sql = if chunk.len() == CHUNK {
+            std::borrow::Cow::Borrowed(FULL_CHUNK_SQL.get_or_init(|| insert_sql(CHUNK)).as_str())
+        } else {
+            std::borrow::Cow::Owned(insert_sql(chunk.len()))
+        };
+        let mut st = conn.prepare_cached(&sql).ctx("writing events")?;
+        let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
+            st.raw_bind_parameter(1, &tag.run_id)?;
+            st.raw_bind_parameter(2, &tag.agent_name)?;
+            st.raw_bind_parameter(3, &tag.turn_id)?;
+            for (k, (b, r)) in chunk.iter().enumerate() {
+                let at = 4 + k * PER_ROW;
+                st.raw_bind_parameter(at, &b.session_id)?;
+                st.raw_bind_parameter(at + 1, &b.created_at)?;
+                st.raw_bind_parameter(at + 2, r.event_type)?;
+                st.raw_bind_parameter(at + 3, &r.tool_name)?;
+                st.raw_bind_parameter(at + 4, &r.tool_args)?;
+                st.raw_bind_parameter(at + 5, r.tool_duration_ms)?;
+                st.raw_bind_parameter(at + 6, r.level)?;
+                st.raw_bind_parameter(at + 7, &r.data)?;
+                st.raw_bind_parameter(at + 8, r.line_no)?;
+            }
+            st.raw_execute().map(|_| ())
+        };
+        bind(&mut st).ctx("writing events")?;
+    }
+    Ok(all.len())
 }
 
 /// Handle to the writer thread.
@@ -169,9 +212,8 @@ fn run_writer(mut conn: Connection, tag: TurnTag, rx: Receiver<Batch>) -> Result
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .ctx("writing events")?;
-            for b in pending.drain(..) {
-                write_batch(&tx, &tag, &b)?;
-            }
+            write_batches(&tx, &tag, &pending)?;
+            pending.clear();
             tx.commit().ctx("committing events")?;
             total += rows as u64;
             rows = 0;

@@ -368,12 +368,12 @@ pub fn migrate_events(conn: &mut Connection, path: &Path) -> Result<()> {
         tx.execute_batch(EVENTS_TABLE).ctx("creating events")?;
         add_missing(tx, "events", &[("turn_id", "TEXT"), ("line_no", "INTEGER")])?;
         tx.execute_batch(
+            // Only the indexes runner's own queries use: each index roughly
+            // doubles the cost of an insert on the ingest path (BENCHMARKS.md).
+            // An upgraded overstory database keeps the ones it already has.
             "CREATE INDEX IF NOT EXISTS idx_events_agent_time ON events(agent_name, created_at);
-             CREATE INDEX IF NOT EXISTS idx_events_run_time ON events(run_id, created_at);
-             CREATE INDEX IF NOT EXISTS idx_events_type_time ON events(event_type, created_at);
-             CREATE INDEX IF NOT EXISTS idx_events_tool_agent ON events(tool_name, agent_name);
              CREATE INDEX IF NOT EXISTS idx_events_level_error ON events(level) WHERE level = 'error';
-             CREATE INDEX IF NOT EXISTS idx_events_turn ON events(turn_id);",
+             CREATE INDEX IF NOT EXISTS idx_events_turn ON events(turn_id, line_no);",
         )
         .ctx("creating indexes")?;
         tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
