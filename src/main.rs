@@ -21,7 +21,11 @@ fn main() {
             std::process::exit(70);
         }
     };
-    let code = rt.block_on(runner::app::main(cli));
+    // A bug that unwinds ends with exit 70 (SPEC §10.3), not a raw panic code.
+    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(runner::app::main(cli))
+    }))
+    .unwrap_or(70);
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);
 }

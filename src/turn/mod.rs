@@ -108,6 +108,20 @@ pub struct TurnSummary {
 }
 
 impl TurnSummary {
+    fn interrupted_waiting(agent: &str) -> TurnSummary {
+        TurnSummary {
+            agent: agent.to_string(),
+            turn_id: None,
+            outcome: None,
+            exit_code: 130,
+            nothing_to_deliver: false,
+            message: format!(
+                "interrupted while waiting for the lease of {agent}; no turn was started"
+            ),
+            turn: None,
+        }
+    }
+
     fn nothing(agent: &str) -> TurnSummary {
         TurnSummary {
             agent: agent.to_string(),
@@ -196,7 +210,12 @@ pub async fn run(
     }
 
     // 3. Take the lease; reclaim what a dead earlier turn left; re-read.
-    let mut lease = Lease::acquire(&ctx.root.lock_path(agent), agent, req.wait).await?;
+    let mut abort = abort;
+    let lock_path = ctx.root.lock_path(agent);
+    let mut lease = tokio::select! {
+        l = Lease::acquire(&lock_path, agent, req.wait) => l?,
+        _ = aborted(&mut abort) => return Ok(TurnSummary::interrupted_waiting(agent)),
+    };
     crate::sweep::reclaim(ctx, &mut store, agent, &cap)?;
     let (session, cap) = match sessions::get(&store.conn, agent)? {
         Some(s) => {
@@ -334,13 +353,25 @@ pub async fn run(
         exec,
         stop_reason,
         &log,
-    )?;
+    );
 
     // 10. Remove turn.pid, release the lease.
     let _ = std::fs::remove_file(ctx.root.pid_path(agent));
     let _ = std::fs::remove_file(ctx.root.stop_reason_path(agent));
     drop(lease);
-    Ok(summary)
+    summary
+}
+
+/// Resolves once an abort has been requested.
+async fn aborted(rx: &mut watch::Receiver<AbortRequest>) {
+    loop {
+        if *rx.borrow_and_update() != AbortRequest::None {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 fn read_stop_reason(path: &Path) -> Option<StopReason> {
@@ -450,6 +481,8 @@ impl Running<'_> {
         let pid = child.id().map(|p| p as i32);
         ex.agent_pid = pid;
         let procs = TurnProcs::new(self.turn_id, pid, pid.and_then(os::start_time));
+        // If this code unwinds (a bug), the turn's processes die with it.
+        let guard = KillOnDrop(Some(procs.clone()));
         if let Some(p) = pid {
             let _ = std::fs::write(self.ctx.root.pid_path(self.agent), format!("{p}\n"));
             info.agent_pid = Some(p);
@@ -654,6 +687,7 @@ impl Running<'_> {
                 Err(e) => ex.internal_error = Some(format!("events writer: {e}")),
             }
         }
+        guard.disarm();
         let t = tail.lock().unwrap_or_else(|e| e.into_inner()).clone();
         ex.stderr_tail = String::from_utf8_lossy(&t).into_owned();
         spawn::reap_orphans();
@@ -713,6 +747,24 @@ impl Running<'_> {
             _ => self.grace,
         };
         (next, Some(now + again))
+    }
+}
+
+/// Kills every process of a turn when dropped, unless disarmed: the turn's
+/// processes never outlive a runner that unwinds.
+struct KillOnDrop(Option<TurnProcs>);
+
+impl KillOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            spawn::kill_all_blocking(&p, Duration::from_secs(2));
+        }
     }
 }
 

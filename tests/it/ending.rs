@@ -282,3 +282,41 @@ fn a_second_signal_kills_at_once() {
     assert_eq!(out.status.code(), Some(130));
     t.assert_clean("b1");
 }
+
+#[test]
+fn sigint_while_waiting_for_the_lease_exits_130_without_a_turn() {
+    let t = TestRoot::new();
+    t.agent("lead", "lead", None, &["--silent-ms", "3000"]);
+    let first = t.spawn(["turn", "--agent", "lead", "--message", "a"]);
+    wait_for(Duration::from_secs(20), "the first turn", || {
+        t.root().join("agents/lead/turn.pid").exists()
+    });
+    let waiting = t.spawn(["turn", "--agent", "lead", "--message", "b", "--wait", "60s"]);
+    // Its SIGINT handler is installed (SigCgt bit 2) before it waits for the lease.
+    wait_for(
+        Duration::from_secs(20),
+        "the second runner to catch SIGINT",
+        || {
+            std::fs::read_to_string(format!("/proc/{}/status", waiting.id()))
+                .ok()
+                .and_then(|st| {
+                    st.lines()
+                        .find(|l| l.starts_with("SigCgt:"))
+                        .map(|l| l[7..].trim().to_string())
+                })
+                .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
+                .is_some_and(|mask| mask & 0x2 != 0)
+        },
+    );
+    let t0 = Instant::now();
+    signal(waiting.id(), Signal::SIGINT);
+    let out = wait_child(waiting, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(130));
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(
+        wait_child(first, Duration::from_secs(20)).status.code(),
+        Some(0)
+    );
+    assert_eq!(t.i64("sessions.db", "SELECT COUNT(*) FROM turns"), 1);
+    t.assert_clean("lead");
+}
