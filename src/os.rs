@@ -136,7 +136,13 @@ impl TurnProcs {
                 continue; // ourselves, init, kernel threads
             }
             let in_group = agent.is_some_and(|a| s.pgrp == a);
-            if Some(s.pid) == agent || in_group || environ_contains(s.pid, &self.env_tag) {
+            // A process started before the agent cannot carry this turn's
+            // environment: skip reading its environ (the costly part of a scan).
+            let may_carry_tag = self.agent_start.is_none_or(|t| s.start_time >= t);
+            if Some(s.pid) == agent
+                || in_group
+                || (may_carry_tag && environ_contains(s.pid, &self.env_tag))
+            {
                 stack.push(s.pid);
             }
         }
@@ -176,7 +182,7 @@ pub fn reap(pid: i32) {
 /// tokio waits for: never stolen from it.
 pub fn reap_orphans(owned: &HashSet<i32>) {
     let me = std::process::id() as i32;
-    for pid in all_pids() {
+    for pid in children_of_self() {
         if owned.contains(&pid) {
             continue;
         }
@@ -187,6 +193,25 @@ pub fn reap_orphans(owned: &HashSet<i32>) {
             reap(pid);
         }
     }
+}
+
+/// Our children, from `/proc/self/task/*/children` (no full `/proc` scan).
+pub fn children_of_self() -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        match std::fs::read_to_string(t.path().join("children")) {
+            Ok(list) => out.extend(
+                list.split_ascii_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            ),
+            // A kernel without CONFIG_PROC_CHILDREN: every pid is a candidate.
+            Err(_) => return all_pids(),
+        }
+    }
+    out
 }
 
 /// Makes this process a child subreaper, so orphaned descendants of its

@@ -117,6 +117,14 @@ pub(crate) fn open_conn(path: &Path) -> Result<Connection> {
     .map_err(|e| classify("opening", Some(path), e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| classify("setting busy_timeout", Some(path), e))?;
+    // Short-lived processes open and close these files on every command:
+    // without this, each last close checkpoints, fsyncs and deletes the WAL.
+    // Checkpoints still happen as writes grow the WAL (wal_autocheckpoint).
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )
+    .map_err(|e| classify("configuring", Some(path), e))?;
     set_pragmas(&conn, "main", path)?;
     Ok(conn)
 }
@@ -136,6 +144,16 @@ fn set_pragmas(conn: &Connection, schema: &str, path: &Path) -> Result<()> {
     conn.execute_batch(&format!("PRAGMA {schema}.synchronous=NORMAL;"))
         .map_err(|e| classify("opening", Some(path), e))?;
     Ok(())
+}
+
+fn not_ours(e: StoreError, path: &Path) -> StoreError {
+    match e {
+        StoreError::NotOurs { detail, .. } => StoreError::NotOurs {
+            path: path.display().to_string(),
+            detail,
+        },
+        other => other,
+    }
 }
 
 /// Runs `f` in a `BEGIN IMMEDIATE` transaction.
@@ -166,15 +184,16 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store> {
         let sessions_path = root.join("sessions.db");
         let mail_path = root.join("mail.db");
-        // Migrate each file on a connection of its own first, so errors name it.
-        {
+        let mut conn = open_conn(&sessions_path)?;
+        schema::migrate_sessions(&mut conn, &sessions_path)?;
+        create_private_file(&mail_path)?;
+        conn.execute("ATTACH DATABASE ?1 AS mail", [mail_path.to_string_lossy()])
+            .map_err(|e| classify("attaching mail.db", Some(&mail_path), e))?;
+        if !schema::mail_up_to_date(&conn).map_err(|e| not_ours(e, &mail_path))? {
+            // Migrate on a connection of its own, where `messages` means mail.db's.
             let mut mail = open_conn(&mail_path)?;
             schema::migrate_mail(&mut mail, &mail_path)?;
         }
-        let mut conn = open_conn(&sessions_path)?;
-        schema::migrate_sessions(&mut conn, &sessions_path)?;
-        conn.execute("ATTACH DATABASE ?1 AS mail", [mail_path.to_string_lossy()])
-            .map_err(|e| classify("attaching mail.db", Some(&mail_path), e))?;
         set_pragmas(&conn, "mail", &mail_path)?;
         Ok(Store {
             conn,

@@ -309,6 +309,23 @@ pub fn migrate_sessions(conn: &mut Connection, path: &Path) -> Result<()> {
     })
 }
 
+/// Whether the attached `mail` database needs no migration (one cheap look).
+pub fn mail_up_to_date(conn: &Connection) -> Result<bool> {
+    use rusqlite::OptionalExtension;
+    let v: i64 = conn
+        .query_row("PRAGMA mail.user_version", [], |r| r.get(0))
+        .ctx("reading mail.db's schema version")?;
+    let has: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM mail.sqlite_master WHERE type='table' AND name='messages'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .ctx("reading mail.db's schema")?;
+    Ok(v == SCHEMA_VERSION && has.is_some())
+}
+
 pub fn migrate_mail(conn: &mut Connection, path: &Path) -> Result<()> {
     check_ours(conn, path, "messages", "to_agent")?;
     if up_to_date(conn, "messages")? {

@@ -314,6 +314,7 @@ pub async fn run(
     };
     let mut run = Running {
         ctx,
+        store,
         agent,
         turn_id: &turn_id,
         runtime: runtime.as_ref(),
@@ -337,6 +338,7 @@ pub async fn run(
             claimed.len(),
         )
         .await;
+    let mut store = run.store;
 
     // 9. Decide and write, in one transaction.
     let stop_reason = read_stop_reason(&ctx.root.stop_reason_path(agent));
@@ -400,6 +402,8 @@ struct Execution {
 
 struct Running<'a> {
     ctx: &'a Ctx,
+    /// The turn's own connection (moved in for the run, taken back to finish).
+    store: crate::store::Store,
     agent: &'a str,
     turn_id: &'a str,
     runtime: &'a dyn Runtime,
@@ -616,9 +620,7 @@ impl Running<'_> {
                     let n = live.lines();
                     if n != touched_lines {
                         touched_lines = n;
-                        if let Ok(store) = self.ctx.store() {
-                            let _ = sessions::touch(&store.conn, self.agent, &clock::now());
-                        }
+                        let _ = sessions::touch(&self.store.conn, self.agent, &clock::now());
                     }
                 }
             }
@@ -695,8 +697,7 @@ impl Running<'_> {
     }
 
     fn cas(&self, to: State) -> Result<()> {
-        let store = self.ctx.store()?;
-        let r = sessions::cas(&store.conn, self.agent, to, &clock::now())?;
+        let r = sessions::cas(&self.store.conn, self.agent, to, &clock::now())?;
         if !r.applied() {
             self.log
                 .line(format!("state change to {to} lost the race: {r:?}"));
