@@ -221,3 +221,52 @@ fn a_truncated_database_is_reported_not_overwritten() {
     assert_eq!(r.stderr().trim_end().lines().count(), 1, "{}", r.stderr());
     assert_eq!(std::fs::read(&p).unwrap(), before, "not overwritten");
 }
+
+/// `serve` and manual `runner turn`s on the same agent never overlap.
+#[test]
+fn serve_and_a_manual_turn_never_overlap() {
+    let t = TestRoot::new();
+    t.agent("lead", "lead", None, &["--lines", "2", "--silent-ms", "30"]);
+    let mut c = t.cmd(["serve", "--poll", "20ms", "--sweep-every", "1h"]);
+    let serve = c
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let n = heavy(6, 100);
+    for i in 0..n {
+        t.mail("orchestrator", "lead", &format!("m{i}"));
+        let r = t.run([
+            "turn",
+            "--agent",
+            "lead",
+            "--message",
+            "manual",
+            "--wait",
+            "30s",
+        ]);
+        assert!(matches!(r.code(), 0), "{}", r.stderr());
+    }
+    crate::wait_for(Duration::from_secs(30), "serve to deliver the mail", || {
+        t.i64("mail.db", "SELECT COUNT(*) FROM messages WHERE read=0") == 0
+    });
+    crate::signal(serve.id(), nix::sys::signal::Signal::SIGINT);
+    assert_eq!(
+        wait_child(serve, Duration::from_secs(20)).status.code(),
+        Some(0)
+    );
+    let c = t.db("sessions.db");
+    let mut st = c
+        .prepare("SELECT started_at, ended_at FROM turns ORDER BY started_at, ended_at")
+        .unwrap();
+    let spans: Vec<(String, String)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(spans.len() >= n);
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "overlap: {w:?}");
+    }
+    t.assert_clean("lead");
+}
