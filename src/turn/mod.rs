@@ -653,7 +653,11 @@ impl Running<'_> {
             stream_rep = r.ok();
             ingest_task = None;
         }
-        if spawn::kill_all(&procs, Duration::from_secs(2)).await {
+        // Nothing of the turn was alive at reap and nothing is left to start
+        // one: the kill pass (another full /proc scan) has nothing to do.
+        if (!left.is_empty() || ex.abort.is_some())
+            && spawn::kill_all(&procs, Duration::from_secs(2)).await
+        {
             self.log.line("killed the turn's leftover processes");
         }
         // Nothing of the turn is alive: stdout closes now unless a process
