@@ -281,20 +281,28 @@ pub async fn ingest<R: AsyncRead + Unpin>(mut stdout: R, mut ing: Ingest) -> Str
     let mut framer = Framer::new(ing.max_line);
     let mut buf = vec![0u8; 64 * 1024];
     let mut line_no = ing.first_line_no;
+    // Rows gather across reads while more stdout is ready at once, and go to
+    // the writer as soon as a read would wait (or the batch is big): few
+    // large batches under load, no added latency when the agent pauses.
+    let mut rows: Vec<EventRow> = Vec::new();
+    let mut rows_bytes = 0usize;
     loop {
         let n = tokio::select! {
             biased;
             r = stdout.read(&mut buf) => r.unwrap_or(0),
+            _ = tokio::task::yield_now(), if !rows.is_empty() => {
+                flush(&mut ing, &mut rows, &rep);
+                rows_bytes = 0;
+                continue;
+            }
             _ = ing.stop.changed() => break,
         };
-        let mut rows: Vec<EventRow> = Vec::new();
         if n == 0 {
             rep.eof = true;
             framer.finish(|f| {
                 line_no += 1;
                 handle(f, line_no, &mut ing, &mut rows, &mut rep);
             });
-            flush(&mut ing, &mut rows, &rep);
             break;
         }
         let chunk = &buf[..n];
@@ -308,11 +316,21 @@ pub async fn ingest<R: AsyncRead + Unpin>(mut stdout: R, mut ing: Ingest) -> Str
             line_no += 1;
             handle(f, line_no, &mut ing, &mut rows, &mut rep);
         });
-        flush(&mut ing, &mut rows, &rep);
+        rows_bytes += n;
+        if rows.len() >= crate::store::events::MAX_ROWS_PER_COMMIT || rows_bytes >= MAX_BATCH_BYTES
+        {
+            flush(&mut ing, &mut rows, &rep);
+            rows_bytes = 0;
+        }
     }
+    flush(&mut ing, &mut rows, &rep);
     rep.frames = (line_no - ing.first_line_no) as u64;
     rep
 }
+
+/// Stdout bytes behind one batch at most (with the writer's queue of 16
+/// batches, this bounds the backlog of a fast agent).
+const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 fn flush(ing: &mut Ingest, rows: &mut Vec<EventRow>, rep: &StreamReport) {
     if rows.is_empty() {

@@ -140,8 +140,8 @@ impl Writer {
     /// Starts the writer on its own connection to `<root>/events.db`.
     pub fn start(root: PathBuf, tag: TurnTag) -> Result<Writer> {
         let conn = open(&root)?;
-        // A batch holds at most one 64 KiB read of lines: 16 of them bound the
-        // backlog between a fast agent and the writer to a few MiB.
+        // A batch holds at most 512 rows or 256 KiB of lines: 16 of them bound
+        // the backlog between a fast agent and the writer to a few MiB.
         let (tx, rx) = sync_channel::<Batch>(16);
         let handle = std::thread::Builder::new()
             .name(format!("events-{}", tag.agent_name))
