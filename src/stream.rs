@@ -330,7 +330,7 @@ pub async fn ingest<R: AsyncRead + Unpin>(mut stdout: R, mut ing: Ingest) -> Str
 
 /// Stdout bytes behind one batch at most (with the writer's queue of 16
 /// batches, this bounds the backlog of a fast agent).
-const MAX_BATCH_BYTES: usize = 256 * 1024;
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 fn flush(ing: &mut Ingest, rows: &mut Vec<EventRow>, rep: &StreamReport) {
     if rows.is_empty() {

@@ -140,7 +140,7 @@ impl Writer {
     /// Starts the writer on its own connection to `<root>/events.db`.
     pub fn start(root: PathBuf, tag: TurnTag) -> Result<Writer> {
         let conn = open(&root)?;
-        // A batch holds at most 512 rows or 256 KiB of lines: 16 of them bound
+        // A batch holds at most 512 rows or 64 KiB of lines: 16 of them bound
         // the backlog between a fast agent and the writer to a few MiB.
         let (tx, rx) = sync_channel::<Batch>(16);
         let handle = std::thread::Builder::new()
