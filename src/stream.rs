@@ -273,7 +273,12 @@ pub struct Ingest {
     pub first_line_no: i64,
     /// Send [`Notice::Progress`] for text, tools and results.
     pub progress: bool,
+    /// The current one-second window of progress lines and how many were shown.
+    pub progress_window: Option<(Instant, u32)>,
 }
+
+/// Progress lines shown per second at most (the end-of-turn result always shows).
+pub const PROGRESS_PER_SECOND: u32 = 20;
 
 /// Reads `stdout` to EOF (or until told to stop) and returns the report.
 pub async fn ingest<R: AsyncRead + Unpin>(mut stdout: R, mut ing: Ingest) -> StreamReport {
@@ -415,9 +420,21 @@ fn handle(
                 .send(Notice::Progress(Progress::Result { clean, text }));
         }
     }
-    if ing.progress {
+    if ing.progress && rows.len() > before {
+        // A human reads a few lines a second: under a flood, show at most
+        // PROGRESS_PER_SECOND lines a second and skip the rest (they are all
+        // in `events`); an ordinary turn shows every line.
+        let now = Instant::now();
+        let (start, shown) = ing.progress_window.get_or_insert((now, 0));
+        if now.saturating_duration_since(*start) >= std::time::Duration::from_secs(1) {
+            *start = now;
+            *shown = 0;
+        }
         for r in &rows[before..] {
-            if let Some(p) = progress_of(r) {
+            if *shown < PROGRESS_PER_SECOND
+                && let Some(p) = progress_of(r)
+            {
+                *shown += 1;
                 let _ = ing.notices.send(Notice::Progress(p));
             }
         }

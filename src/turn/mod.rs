@@ -543,6 +543,7 @@ impl Running<'_> {
                     stop: stop_rx.clone(),
                     first_line_no: 0,
                     progress: self.progress.is_some(),
+                    progress_window: None,
                 },
             ))),
             _ => None,
