@@ -8,7 +8,7 @@
 //! one batch, so a line is either wholly in `events` or not at all — the
 //! sweep relies on `line_no` to replay exactly the missing lines.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -128,7 +128,7 @@ fn write_batches(conn: &Connection, tag: &TurnTag, batches: &[Batch]) -> Result<
 /// Handle to the writer thread.
 pub struct Writer {
     tx: Option<SyncSender<Batch>>,
-    handle: Option<std::thread::JoinHandle<Result<u64>>>,
+    handle: Option<std::thread::JoinHandle<(Result<u64>, Connection)>>,
 }
 
 /// Rows committed in one transaction at most (SPEC §6.1: every 512 events).
@@ -137,15 +137,19 @@ pub const MAX_ROWS_PER_COMMIT: usize = 512;
 pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
 
 impl Writer {
-    /// Starts the writer on its own connection to `<root>/events.db`.
-    pub fn start(root: PathBuf, tag: TurnTag) -> Result<Writer> {
-        let conn = open(&root)?;
+    /// Starts the writer thread on `conn` (the turn's own connection to
+    /// `events.db`, handed back by [`Writer::finish`]).
+    pub fn start(conn: Connection, tag: TurnTag) -> Result<Writer> {
         // A batch holds at most 512 rows or 64 KiB of lines: 16 of them bound
         // the backlog between a fast agent and the writer to a few MiB.
         let (tx, rx) = sync_channel::<Batch>(16);
         let handle = std::thread::Builder::new()
             .name(format!("events-{}", tag.agent_name))
-            .spawn(move || run_writer(conn, tag, rx))
+            .spawn(move || {
+                let mut conn = conn;
+                let r = run_writer(&mut conn, tag, rx);
+                (r, conn)
+            })
             .map_err(|e| StoreError::Io {
                 path: "events writer thread".into(),
                 source: e,
@@ -171,21 +175,25 @@ impl Writer {
         self.tx.clone()
     }
 
-    /// Closes the queue, waits for the last commit, returns rows written.
-    pub fn finish(mut self) -> Result<u64> {
+    /// Closes the queue, waits for the last commit; returns the rows written
+    /// and the connection (none if the thread panicked).
+    pub fn finish(mut self) -> (Result<u64>, Option<Connection>) {
         self.tx.take();
         match self.handle.take().map(|h| h.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(StoreError::Io {
-                path: "events writer".into(),
-                source: std::io::Error::other("the events writer thread panicked"),
-            }),
-            None => Ok(0),
+            Some(Ok((r, conn))) => (r, Some(conn)),
+            Some(Err(_)) => (
+                Err(StoreError::Io {
+                    path: "events writer".into(),
+                    source: std::io::Error::other("the events writer thread panicked"),
+                }),
+                None,
+            ),
+            None => (Ok(0), None),
         }
     }
 }
 
-fn run_writer(mut conn: Connection, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
+fn run_writer(conn: &mut Connection, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
     let mut total = 0u64;
     let mut pending: Vec<Batch> = Vec::new();
     let mut rows = 0usize;

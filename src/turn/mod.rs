@@ -315,6 +315,7 @@ pub async fn run(
     let mut run = Running {
         ctx,
         store,
+        events: Some(events_conn),
         agent,
         turn_id: &turn_id,
         runtime: runtime.as_ref(),
@@ -339,6 +340,10 @@ pub async fn run(
         )
         .await;
     let mut store = run.store;
+    let mut events_conn = match run.events {
+        Some(c) => c,
+        None => ctx.events()?,
+    };
 
     // 9. Decide and write, in one transaction.
     let stop_reason = read_stop_reason(&ctx.root.stop_reason_path(agent));
@@ -404,6 +409,8 @@ struct Running<'a> {
     ctx: &'a Ctx,
     /// The turn's own connection (moved in for the run, taken back to finish).
     store: crate::store::Store,
+    /// The turn's `events.db` connection: lent to the writer thread, then back.
+    events: Option<rusqlite::Connection>,
     agent: &'a str,
     turn_id: &'a str,
     runtime: &'a dyn Runtime,
@@ -517,7 +524,11 @@ impl Running<'_> {
 
         // 6. Stdout → events + stdout.ndjson; stderr → stderr.log.
         let (stop_tx, stop_rx) = watch::channel(false);
-        let writer = match events::Writer::start(self.ctx.root.dir.clone(), tag.clone()) {
+        let conn = match self.events.take() {
+            Some(c) => Ok(c),
+            None => crate::store::events::open(&self.ctx.root.dir),
+        };
+        let writer = match conn.and_then(|c| events::Writer::start(c, tag.clone())) {
             Ok(w) => Some(w),
             Err(e) => {
                 ex.internal_error = Some(format!("events writer: {e}"));
@@ -689,8 +700,13 @@ impl Running<'_> {
         }
         if let Some(w) = writer {
             match tokio::task::spawn_blocking(move || w.finish()).await {
-                Ok(Ok(n)) => ex.rows_written = n,
-                Ok(Err(e)) => ex.internal_error = Some(format!("events writer: {e}")),
+                Ok((r, conn)) => {
+                    self.events = conn;
+                    match r {
+                        Ok(n) => ex.rows_written = n,
+                        Err(e) => ex.internal_error = Some(format!("events writer: {e}")),
+                    }
+                }
                 Err(e) => ex.internal_error = Some(format!("events writer: {e}")),
             }
         }
