@@ -225,34 +225,38 @@ pub async fn run(
         None => (session, cap),
     };
 
-    // 4. Claim, build the user turn, record the start.
+    // 4. Claim, build the user turn, record the start — one transaction, so
+    // claims never exist without their turn row.
+    let runtime = runtime::for_session(&session).map_err(usage)?;
     let turn_id = new_turn_id();
     let now = clock::now();
-    let claimed = if req.no_mail {
-        Vec::new()
-    } else {
-        store.tx("claiming mail", |tx| {
-            mailstore::claim_due(tx, agent, &turn_id, &now, MAX_MAIL_PER_TURN)
-        })?
-    };
-    if claimed.is_empty() && req.message.is_none() {
-        return Ok(TurnSummary::nothing(agent));
-    }
-    let text = render_turn(req.message.as_deref(), &claimed);
-    let runtime = runtime::for_session(&session).map_err(usage)?;
     let resume_id = session.claude_session_id.clone().filter(|s| !s.is_empty());
-    let row = TurnRow {
+    let mut row = TurnRow {
         turn_id: turn_id.clone(),
         agent_name: agent.to_string(),
         started_at: now.clone(),
         runner_pid: Some(std::process::id() as i64),
         initial_state: Some(session.state.clone()),
         resume_requested: resume_id.clone(),
-        mail_ids: claimed.iter().map(|m| m.id.clone()).collect(),
         ..Default::default()
     };
-    turns::insert_start(&store.conn, &row)?;
-    let baseline = mailstore::max_rowid(&store.conn)?;
+    let started = store.tx("claiming mail and starting the turn", |tx| {
+        let claimed = if req.no_mail {
+            Vec::new()
+        } else {
+            mailstore::claim_due(tx, agent, &turn_id, &now, MAX_MAIL_PER_TURN)?
+        };
+        if claimed.is_empty() && req.message.is_none() {
+            return Ok(None);
+        }
+        row.mail_ids = claimed.iter().map(|m| m.id.clone()).collect();
+        turns::insert_start(tx, &row)?;
+        Ok(Some((claimed, mailstore::max_rowid(tx)?)))
+    })?;
+    let Some((claimed, baseline)) = started else {
+        return Ok(TurnSummary::nothing(agent));
+    };
+    let text = render_turn(req.message.as_deref(), &claimed);
     let tag = TurnTag {
         run_id: session.run_id.clone(),
         agent_name: agent.to_string(),
