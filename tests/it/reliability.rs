@@ -97,7 +97,7 @@ fn crash_matrix() {
 fn concurrent_turns_on_one_agent_never_overlap() {
     let t = TestRoot::new();
     t.agent("lead", "lead", None, &["--lines", "3"]);
-    let n = heavy(12, 200);
+    let n = heavy(200, 1000);
     let children: Vec<_> = (0..n)
         .map(|i| {
             t.spawn([
@@ -135,7 +135,7 @@ fn concurrent_turns_on_one_agent_never_overlap() {
 /// most one worker_died per turn.
 #[test]
 fn stop_racing_the_natural_end() {
-    let reps = heavy(6, 200);
+    let reps = heavy(200, 1000);
     for i in 0..reps {
         let t = TestRoot::new();
         t.agent("lead", "lead", None, &[]);
