@@ -98,6 +98,9 @@ fn concurrent_turns_on_one_agent_never_overlap() {
     let t = TestRoot::new();
     t.agent("lead", "lead", None, &["--lines", "3"]);
     let n = heavy(200, 1000);
+    // Every turn waits for all the others: allow a second per turn (the
+    // turns themselves take a few tens of ms each, serialised by the lease).
+    let wait = format!("{}s", n.max(120));
     let children: Vec<_> = (0..n)
         .map(|i| {
             t.spawn([
@@ -107,12 +110,12 @@ fn concurrent_turns_on_one_agent_never_overlap() {
                 "--message",
                 &format!("m{i}"),
                 "--wait",
-                "120s",
+                &wait,
             ])
         })
         .collect();
     for c in children {
-        let out = wait_child(c, Duration::from_secs(240));
+        let out = wait_child(c, Duration::from_secs(n.max(120) as u64 + 60));
         assert_eq!(out.status.code(), Some(0));
     }
     let c = t.db("sessions.db");
