@@ -101,24 +101,46 @@ impl Lease {
         }
     }
 
-    /// Takes the lease, waiting up to `wait` (polling: a blocking lock could
-    /// not be given up). On timeout: `Busy` naming the holder.
+    /// Takes the lease, waiting up to `wait`. The wait is a blocking `flock`
+    /// on a thread of its own, so the kernel queues waiters (a thousand
+    /// polling waiters would burn the machine). On timeout: `Busy` naming the
+    /// holder; the abandoned waiter drops the lock the moment it gets it,
+    /// because nobody is left to receive it.
     pub async fn acquire(path: &Path, agent: &str, wait: Duration) -> Result<Lease, LeaseError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut pause = Duration::from_millis(2);
-        loop {
-            if let Some(l) = Lease::try_acquire(path)? {
-                return Ok(l);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(LeaseError::Busy {
-                    agent: agent.to_string(),
-                    holder: read_info(path).map(Box::new),
-                });
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+        if let Some(l) = Lease::try_acquire(path)? {
+            return Ok(l);
+        }
+        let busy = || LeaseError::Busy {
+            agent: agent.to_string(),
+            holder: read_info(path).map(Box::new),
+        };
+        if wait.is_zero() {
+            return Err(busy());
+        }
+        let file = open_lock(path)?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<std::io::Result<File>>();
+        std::thread::Builder::new()
+            .name("lease-wait".into())
+            .spawn(move || {
+                let r = file.lock().map(|()| file);
+                // A send to a receiver that timed out fails: the File (and the
+                // lock with it) is dropped right here.
+                let _ = tx.send(r);
+            })
+            .map_err(|e| LeaseError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(Ok(file))) => Ok(Lease {
+                file,
+                path: path.to_path_buf(),
+            }),
+            Ok(Ok(Err(e))) => Err(LeaseError::Io {
+                path: path.display().to_string(),
+                source: e,
+            }),
+            Ok(Err(_)) | Err(_) => Err(busy()),
         }
     }
 
@@ -180,6 +202,11 @@ mod tests {
         assert!(!is_held(&p));
         std::fs::write(&p, "garbage").unwrap();
         assert!(read_info(&p).is_none());
-        assert!(Lease::acquire(&p, "a", Duration::ZERO).await.is_ok());
+        // the waiter abandoned above may hold the lock for an instant: wait for it
+        assert!(
+            Lease::acquire(&p, "a", Duration::from_secs(5))
+                .await
+                .is_ok()
+        );
     }
 }
