@@ -141,3 +141,20 @@ pub fn kill_all_blocking(procs: &TurnProcs, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Ends what is left of a turn whose runner is gone: SIGTERM (+SIGCONT),
+/// up to `grace` for it to go, then SIGKILL until nothing is left. Returns
+/// whether anything was alive. Used by the sweep and by `runner stop`.
+pub fn terminate_blocking(procs: &TurnProcs, grace: Duration) -> bool {
+    if procs.live().is_empty() {
+        return false;
+    }
+    signal_turn(procs, Sig::SIGTERM);
+    let until = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < until && !procs.live().is_empty() {
+        reap_orphans();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill_all_blocking(procs, Duration::from_secs(2));
+    true
+}

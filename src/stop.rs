@@ -102,15 +102,9 @@ pub async fn stop(
             t.agent_pid.map(|p| p as i32).or(pid_file),
             start,
         );
-        if !procs.live().is_empty() {
-            spawn::signal_turn(&procs, Sig::SIGTERM);
-            let until = tokio::time::Instant::now() + grace;
-            while tokio::time::Instant::now() < until && !procs.live().is_empty() {
-                spawn::reap_orphans();
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            spawn::kill_all(&procs, Duration::from_secs(2)).await;
-        }
+        tokio::task::spawn_blocking(move || spawn::terminate_blocking(&procs, grace))
+            .await
+            .map_err(|e| crate::error::Error::Internal(e.to_string()))?;
         crate::sweep::finish_turn_as(ctx, &mut store, agent, t, "stopped", "stopped by operator")?;
         ended_turn = true;
     }

@@ -117,7 +117,7 @@ pub fn reclaim(ctx: &Ctx, store: &mut Store, agent: &str, cap: &Capability) -> R
         // A turn.pid without a row: kill what it names, if it is still that process.
         let info = lease_info.clone().unwrap_or_default();
         let procs = TurnProcs::new(&info.turn_id, pid_file, info.agent_start_time);
-        if kill_turn(ctx, &procs) {
+        if spawn::terminate_blocking(&procs, ctx.config.grace) {
             rep.groups_killed += 1;
         }
     }
@@ -129,7 +129,7 @@ pub fn reclaim(ctx: &Ctx, store: &mut Store, agent: &str, cap: &Capability) -> R
             .and_then(|i| i.agent_start_time);
         let pid = t.agent_pid.map(|p| p as i32).or(pid_file);
         let procs = TurnProcs::new(&t.turn_id, pid, start);
-        if kill_turn(ctx, &procs) {
+        if spawn::terminate_blocking(&procs, ctx.config.grace) {
             rep.groups_killed += 1;
         }
         finish_dead_turn(ctx, store, agent, &t, "runner died")?;
@@ -188,21 +188,6 @@ pub fn reclaim(ctx: &Ctx, store: &mut Store, agent: &str, cap: &Capability) -> R
     rep.claims_released += settled.released as u64;
     rep.states_fixed += fixed;
     Ok(rep)
-}
-
-/// SIGTERM, grace, SIGKILL to what is left of a turn. True if anything was alive.
-fn kill_turn(ctx: &Ctx, procs: &TurnProcs) -> bool {
-    if procs.live().is_empty() {
-        return false;
-    }
-    spawn::signal_turn(procs, Sig::SIGTERM);
-    let until = std::time::Instant::now() + ctx.config.grace;
-    while std::time::Instant::now() < until && !procs.live().is_empty() {
-        spawn::reap_orphans();
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    spawn::kill_all_blocking(procs, Duration::from_secs(2));
-    true
 }
 
 /// Finishes the row of a turn whose runner is gone: replays the lines of its

@@ -28,14 +28,7 @@ fn a_silent_agent_stalls_zombie_and_one_worker_died() {
     assert_eq!(t.state("b1"), "zombie");
     assert_eq!(t.worker_died("lead"), 1);
     // claimed mail released: pending, try count unchanged
-    let (read, tries, claimed): (i64, i64, Option<String>) = t
-        .db("mail.db")
-        .query_row(
-            "SELECT read, tries, claimed_by FROM messages WHERE id=?1",
-            [&id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
+    let (read, tries, claimed) = t.mail_state(&id);
     assert_eq!((read, tries, claimed), (0, 0, None));
     t.assert_clean("b1");
     // a silent agent that never wrote a line is caught too
@@ -185,14 +178,7 @@ fn stop_during_a_turn() {
     assert_eq!(row["outcome"], "stopped");
     assert_eq!(t.state("b1"), "completed");
     assert_eq!(t.worker_died("lead"), 1);
-    let (read, tries, claimed): (i64, i64, Option<String>) = t
-        .db("mail.db")
-        .query_row(
-            "SELECT read, tries, claimed_by FROM messages WHERE id=?1",
-            [&id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
+    let (read, tries, claimed) = t.mail_state(&id);
     assert_eq!((read, tries, claimed), (0, 0, None));
     t.assert_clean("b1");
     // stopping a completed agent succeeds and changes nothing

@@ -235,6 +235,35 @@ impl TestRoot {
         r.json()[0].clone()
     }
 
+    /// `(read, tries, claimed_by)` of one message.
+    pub fn mail_state(&self, id: &str) -> (i64, i64, Option<String>) {
+        self.db("mail.db")
+            .query_row(
+                "SELECT read, tries, claimed_by FROM messages WHERE id=?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    }
+
+    /// Asserts that no two turn rows overlap in time; returns how many there are.
+    #[track_caller]
+    pub fn assert_turns_never_overlap(&self) -> usize {
+        let c = self.db("sessions.db");
+        let mut st = c
+            .prepare("SELECT started_at, ended_at FROM turns ORDER BY started_at, ended_at")
+            .unwrap();
+        let spans: Vec<(String, String)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "overlapping turns: {w:?}");
+        }
+        spans.len()
+    }
+
     pub fn worker_died(&self, parent: &str) -> i64 {
         self.i64(
             "mail.db",

@@ -46,14 +46,7 @@ fn crash_matrix() {
             t.assert_clean("b1");
             assert_ne!(t.state("b1"), "in_turn", "{ctx}");
             // the claim: delivered, or pending with exactly one more try
-            let (read, tries, claimed): (i64, i64, Option<String>) = t
-                .db("mail.db")
-                .query_row(
-                    "SELECT read, tries, claimed_by FROM messages WHERE id=?1",
-                    [&id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .unwrap();
+            let (read, tries, claimed) = t.mail_state(&id);
             assert!(
                 read == 1 || (tries == 1 && claimed.is_none()),
                 "{ctx}: read {read} tries {tries} claimed {claimed:?}"
@@ -118,19 +111,8 @@ fn concurrent_turns_on_one_agent_never_overlap() {
         let out = wait_child(c, Duration::from_secs(n.max(120) as u64 + 60));
         assert_eq!(out.status.code(), Some(0));
     }
-    let c = t.db("sessions.db");
-    let mut st = c
-        .prepare("SELECT started_at, ended_at FROM turns ORDER BY started_at, ended_at")
-        .unwrap();
-    let spans: Vec<(String, String)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(spans.len(), n);
-    for w in spans.windows(2) {
-        assert!(w[0].1 <= w[1].0, "overlap: {w:?}");
-    }
+    let turns = t.assert_turns_never_overlap();
+    assert_eq!(turns, n);
     t.assert_clean("lead");
 }
 
@@ -258,18 +240,7 @@ fn serve_and_a_manual_turn_never_overlap() {
         wait_child(serve, Duration::from_secs(20)).status.code(),
         Some(0)
     );
-    let c = t.db("sessions.db");
-    let mut st = c
-        .prepare("SELECT started_at, ended_at FROM turns ORDER BY started_at, ended_at")
-        .unwrap();
-    let spans: Vec<(String, String)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert!(spans.len() >= n);
-    for w in spans.windows(2) {
-        assert!(w[0].1 <= w[1].0, "overlap: {w:?}");
-    }
+    let turns = t.assert_turns_never_overlap();
+    assert!(turns >= n);
     t.assert_clean("lead");
 }

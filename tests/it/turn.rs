@@ -605,17 +605,8 @@ fn two_turns_of_one_agent_never_overlap() {
         Some(0)
     );
     assert!(t0.elapsed() < Duration::from_secs(30));
-    let c = t.db("sessions.db");
-    let mut st = c
-        .prepare("SELECT started_at, ended_at FROM turns ORDER BY started_at")
-        .unwrap();
-    let spans: Vec<(String, String)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(spans.len(), 2);
-    assert!(spans[0].1 <= spans[1].0, "overlap: {spans:?}");
+    let turns = t.assert_turns_never_overlap();
+    assert_eq!(turns, 2);
     t.assert_clean("lead");
 }
 
