@@ -40,6 +40,9 @@ async fn run(cli: Cli) -> Result<i32> {
     if let Command::Demo = cli.command {
         return crate::demo::run(json).await;
     }
+    for name in cli.command.agent_names() {
+        crate::root::check_name(name)?;
+    }
     let ctx = Ctx::new(&cli.root, json)?;
     match cli.command {
         Command::Demo | Command::FakeAgent(_) => unreachable!("handled above"),
@@ -89,7 +92,6 @@ async fn run(cli: Cli) -> Result<i32> {
                 (None, Some(p)) => Some(read_text(p, "--message-file")?),
                 (None, None) => None,
             };
-            crate::root::check_name(&t.agent)?;
             if let Some(from) = &t.from
                 && let Some(text) = message.take()
             {

@@ -68,6 +68,34 @@ pub enum Command {
     FakeAgent(crate::fake_agent::FakeArgs),
 }
 
+impl Command {
+    /// Every agent name the command names (agents, parents, senders,
+    /// recipients, filters): each is checked before the root is touched
+    /// (SPEC §1), so a bad name never leaves a directory behind.
+    pub fn agent_names(&self) -> Vec<&str> {
+        let mut v: Vec<Option<&String>> = Vec::new();
+        match self {
+            Command::Agent(AgentCmd::Add(a)) => v.extend([Some(&a.name), a.parent.as_ref()]),
+            Command::Agent(AgentCmd::Show { name }) => v.push(Some(name)),
+            Command::Turn(t) => v.extend([Some(&t.agent), t.from.as_ref()]),
+            Command::Nudge(n) => v.extend([Some(&n.agent), n.from.as_ref()]),
+            Command::Stop(s) => v.push(Some(&s.agent)),
+            Command::Status(s) => v.push(s.agent.as_ref()),
+            Command::Turns(t) => v.push(t.agent.as_ref()),
+            Command::Events(e) => v.push(e.agent.as_ref()),
+            Command::Mail(MailCmd::Send(m)) => v.extend([Some(&m.from), Some(&m.to)]),
+            Command::Mail(MailCmd::List(l)) => v.extend([l.to.as_ref(), l.from.as_ref()]),
+            Command::Mail(MailCmd::Check { agent }) => v.push(Some(agent)),
+            Command::Demo
+            | Command::Init
+            | Command::Serve(_)
+            | Command::Sweep(_)
+            | Command::FakeAgent(_) => {}
+        }
+        v.into_iter().flatten().map(String::as_str).collect()
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AgentCmd {
     /// Register an agent (state booting). `--command PROG [ARG...]` comes last,

@@ -35,7 +35,8 @@ pub fn check_name(name: &str) -> Result<(), RootError> {
     if valid_name(name) {
         Ok(())
     } else {
-        Err(RootError::BadName(name.to_string()))
+        // Escaped, so a name with a newline still makes one error line.
+        Err(RootError::BadName(name.escape_debug().to_string()))
     }
 }
 

@@ -356,3 +356,54 @@ fn migrates_an_overstory_root_in_place() {
     t.run(["status"]).status(0);
     assert_eq!(t.i64("sessions.db", "PRAGMA user_version"), 1);
 }
+
+#[test]
+fn a_bad_name_touches_no_file_not_even_the_root() {
+    let long = "x".repeat(65);
+    let bad = [
+        "../x",
+        "a b",
+        ".hidden",
+        "_x",
+        "é",
+        long.as_str(),
+        "a\nb",
+        "a/b",
+        "../../etc",
+    ];
+    for name in bad {
+        let t = TestRoot::new();
+        let commands: Vec<Vec<&str>> = vec![
+            vec!["agent", "add", name, "--capability", "builder"],
+            vec![
+                "agent",
+                "add",
+                "ok",
+                "--capability",
+                "builder",
+                "--parent",
+                name,
+            ],
+            vec!["agent", "show", name],
+            vec!["turn", "--agent", name, "--message", "x"],
+            vec!["turn", "--agent", "ok", "--from", name, "--message", "x"],
+            vec!["nudge", "--agent", name],
+            vec!["stop", "--agent", name],
+            vec!["status", "--agent", name],
+            vec!["turns", "--agent", name],
+            vec!["events", "--agent", name],
+            vec!["mail", "send", "--from", name, "--to", "ok"],
+            vec!["mail", "send", "--from", "ok", "--to", name],
+            vec!["mail", "list", "--to", name],
+            vec!["mail", "check", "--agent", name],
+        ];
+        for args in commands {
+            t.run(&args).status(2).one_line_error("invalid agent name");
+            let left: Vec<_> = std::fs::read_dir(t.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert!(left.is_empty(), "{args:?} left {left:?} behind");
+        }
+    }
+}
