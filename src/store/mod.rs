@@ -11,6 +11,7 @@
 
 pub mod events;
 pub mod mail;
+pub mod metrics;
 pub mod schema;
 pub mod sessions;
 pub mod turns;

@@ -399,6 +399,55 @@ pub fn migrate_events(conn: &mut Connection, path: &Path) -> Result<()> {
     })
 }
 
+/// overstory's `metrics.db` (`../shared/overstory-views.md`), written so
+/// that `ov costs` can read what runner's turns cost.
+const METRICS_TABLES: &str = "CREATE TABLE IF NOT EXISTS sessions (
+  agent_name TEXT NOT NULL,
+  task_id TEXT NOT NULL,
+  capability TEXT NOT NULL,
+  started_at TEXT NOT NULL,
+  completed_at TEXT,
+  duration_ms INTEGER NOT NULL DEFAULT 0,
+  exit_code INTEGER,
+  merge_result TEXT,
+  parent_agent TEXT,
+  input_tokens INTEGER NOT NULL DEFAULT 0,
+  output_tokens INTEGER NOT NULL DEFAULT 0,
+  cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+  cache_creation_tokens INTEGER NOT NULL DEFAULT 0,
+  estimated_cost_usd REAL,
+  model_used TEXT,
+  run_id TEXT,
+  PRIMARY KEY (agent_name, task_id)
+);
+CREATE TABLE IF NOT EXISTS token_snapshots (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  agent_name TEXT NOT NULL,
+  input_tokens INTEGER NOT NULL DEFAULT 0,
+  output_tokens INTEGER NOT NULL DEFAULT 0,
+  cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+  cache_creation_tokens INTEGER NOT NULL DEFAULT 0,
+  estimated_cost_usd REAL,
+  model_used TEXT,
+  run_id TEXT,
+  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f','now'))
+);
+CREATE INDEX IF NOT EXISTS idx_snapshots_agent_time ON token_snapshots(agent_name, created_at);";
+
+pub fn migrate_metrics(conn: &mut Connection, path: &Path) -> Result<()> {
+    check_ours(conn, path, "sessions", "estimated_cost_usd")?;
+    if up_to_date(conn, "token_snapshots")? {
+        return Ok(());
+    }
+    immediate(conn, "migrating metrics.db", |tx| {
+        tx.execute_batch(METRICS_TABLES)
+            .ctx("creating the metrics tables")?;
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+            .ctx("setting the schema version")?;
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

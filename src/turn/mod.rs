@@ -1062,6 +1062,12 @@ fn finish(
         tracing::warn!("turn {turn_id}: {e}");
     }
     let row = turns::get(&store.conn, turn_id)?;
+    if let Some(r) = &row
+        && let Err(e) = crate::store::metrics::record_turn(&store.root, session, r)
+    {
+        // overstory's cost view only: never worth failing a finished turn.
+        log.line(format!("metrics.db not updated: {e}"));
+    }
     let message = match (
         &decision.outcome,
         row.as_ref().and_then(|r| r.reason.clone()),
