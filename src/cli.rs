@@ -108,8 +108,9 @@ pub enum AgentCmd {
 #[derive(Debug, Args)]
 pub struct AgentAddArgs {
     pub name: String,
-    #[arg(long)]
-    pub capability: String,
+    /// Required for a new agent; `--recover` keeps the agent's own.
+    #[arg(long, required_unless_present = "recover")]
+    pub capability: Option<String>,
     #[arg(long)]
     pub parent: Option<String>,
     #[arg(long)]
@@ -122,7 +123,7 @@ pub struct AgentAddArgs {
     pub runtime: Option<String>,
     #[arg(long)]
     pub model: Option<String>,
-    /// Reset a completed or zombie agent to booting.
+    /// Reset a completed or zombie agent to booting, keeping what is not given.
     #[arg(long)]
     pub recover: bool,
     /// Set from `--command PROG [ARG...]`, which must come last: it takes

@@ -46,7 +46,7 @@ pub async fn run(json: bool) -> Result<i32> {
             &ctx,
             ops::AddRequest {
                 name: name.into(),
-                capability: cap.into(),
+                capability: Some(cap.into()),
                 parent,
                 task: Some("DEMO-1".into()),
                 worktree: Some(worktree.clone()),

@@ -29,7 +29,8 @@ pub fn init(ctx: &Ctx) -> Result<PathBuf> {
 
 pub struct AddRequest {
     pub name: String,
-    pub capability: String,
+    /// Required for a new agent; with `recover`, what is not given is kept.
+    pub capability: Option<String>,
     pub parent: Option<String>,
     pub task: Option<String>,
     pub worktree: Option<PathBuf>,
@@ -44,9 +45,35 @@ pub fn agent_add(ctx: &Ctx, req: AddRequest) -> Result<Session> {
     if let Some(p) = &req.parent {
         check_name(p)?;
     }
-    capability::load(&ctx.root.dir, &req.capability)?;
-    let command = req.command.clone();
-    let runtime = match (&req.runtime, &command) {
+    // `--recover` keeps what it is not told to change: capability, runtime
+    // and command, worktree, task (parent, model and session id as well).
+    let kept = if req.recover {
+        sessions::get(&ctx.store()?.conn, &req.name)?
+    } else {
+        None
+    };
+    let capability = match (&req.capability, &kept) {
+        (Some(c), _) => c.clone(),
+        (None, Some(k)) => k.capability.clone(),
+        (None, None) if req.recover => {
+            return Err(usage(format!(
+                "agent {} does not exist; add it with --capability, without --recover",
+                req.name
+            )));
+        }
+        (None, None) => return Err(usage("--capability is required for a new agent")),
+    };
+    capability::load(&ctx.root.dir, &capability)?;
+    let mut command = req.command.clone();
+    let mut runtime_flag = req.runtime.clone();
+    if let Some(k) = &kept
+        && runtime_flag.is_none()
+        && command.is_none()
+    {
+        runtime_flag = Some(k.runtime.clone());
+        command = k.runtime_command.clone();
+    }
+    let runtime = match (&runtime_flag, &command) {
         (Some(r), Some(_)) if r != "command" => {
             return Err(usage(format!(
                 "--command implies --runtime command, not '{r}'"
@@ -68,11 +95,11 @@ pub fn agent_add(ctx: &Ctx, req: AddRequest) -> Result<Session> {
     }
     let cwd = std::env::current_dir()
         .map_err(|e| usage(format!("cannot read the current directory: {e}")))?;
-    let worktree = req
-        .worktree
-        .clone()
-        .map(|w| if w.is_absolute() { w } else { cwd.join(w) })
-        .unwrap_or(cwd);
+    let worktree = match (&req.worktree, &kept) {
+        (Some(w), _) => cwd.join(w),
+        (None, Some(k)) => PathBuf::from(&k.worktree_path),
+        (None, None) => cwd,
+    };
     if !worktree.is_dir() {
         return Err(usage(format!(
             "worktree {} is not a directory",
@@ -88,9 +115,13 @@ pub fn agent_add(ctx: &Ctx, req: AddRequest) -> Result<Session> {
     };
     let ns = NewSession {
         agent_name: req.name.clone(),
-        capability: req.capability.clone(),
+        capability,
         worktree_path: worktree.display().to_string(),
-        task_id: req.task.clone().unwrap_or_default(),
+        task_id: req
+            .task
+            .clone()
+            .or_else(|| kept.as_ref().map(|k| k.task_id.clone()))
+            .unwrap_or_default(),
         parent_agent: req.parent.clone(),
         depth,
         runtime,

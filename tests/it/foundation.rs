@@ -407,3 +407,47 @@ fn a_bad_name_touches_no_file_not_even_the_root() {
         }
     }
 }
+
+#[test]
+fn recover_keeps_what_it_is_not_told_to_change() {
+    let t = TestRoot::new();
+    let wt = t.path().join("wt");
+    std::fs::create_dir(&wt).unwrap();
+    let wt = wt.display().to_string();
+    t.run([
+        "agent",
+        "add",
+        "lead",
+        "--capability",
+        "lead",
+        "--task",
+        "T1",
+        "--worktree",
+        &wt,
+        "--command",
+        "true",
+        "x",
+    ])
+    .status(0);
+    t.run(["agent", "add", "lead", "--recover"])
+        .status(2)
+        .one_line_error("only a completed or zombie agent");
+    // What `ov status` does to an idle headless agent.
+    t.db("sessions.db")
+        .execute("UPDATE sessions SET state='zombie'", [])
+        .unwrap();
+    t.run(["turn", "--agent", "lead", "--message", "x"])
+        .status(2)
+        .one_line_error("--recover");
+    t.run(["agent", "add", "lead", "--recover"]).status(0);
+    let a = t.run(["agent", "show", "lead", "--json"]).json();
+    assert_eq!(a["state"], "booting");
+    assert_eq!(a["capability"], "lead");
+    assert_eq!(a["runtime"], "command");
+    assert_eq!(a["runtime_command"], serde_json::json!(["true", "x"]));
+    assert_eq!(a["worktree_path"], wt.as_str());
+    assert_eq!(a["task_id"], "T1");
+    t.run(["agent", "add", "ghost", "--recover"])
+        .status(2)
+        .one_line_error("does not exist");
+}
