@@ -1,20 +1,23 @@
-//! Dispatch: one library call per command, its result printed by `report`,
-//! and the exit code. `main` calls [`main`] and exits with what it returns.
+//! Dispatch: one library call per command, its result printed by
+//! [`report::emit`] in the form asked for, and the exit code the result means.
+//! `main` calls [`main`] and exits with what it returns.
+//!
+//! Invariant: every agent name on the command line is checked before the
+//! root is opened (or created), so a bad name touches no file.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::cli::{AgentCmd, Cli, Command, MailCmd};
+use crate::cli::{AgentCmd, Cli, Command, EventsArgs, MailCmd, ServeArgs, TurnArgs, read_text};
 use crate::ctx::Ctx;
-use crate::error::{Result, exit_code, usage};
+use crate::error::{Error, Result, exit_code};
 use crate::ops;
-use crate::report;
+use crate::report::{self, emit};
 use crate::serve;
 use crate::store::events::EventFilter;
-use crate::store::mail::ListFilter;
-use crate::turn::{self, AbortRequest, TurnRequest};
+use crate::turn::{self, AbortRequest, TurnRequest, TurnSummary};
 
 /// Runs a parsed command line; returns the process exit code.
 pub async fn main(cli: Cli) -> i32 {
@@ -25,11 +28,6 @@ pub async fn main(cli: Cli) -> i32 {
             exit_code(&e)
         }
     }
-}
-
-fn read_text(path: &std::path::Path, what: &str) -> Result<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| usage(format!("cannot read {what} {}: {e}", path.display())))
 }
 
 async fn run(cli: Cli) -> Result<i32> {
@@ -44,291 +42,150 @@ async fn run(cli: Cli) -> Result<i32> {
         crate::root::check_name(name)?;
     }
     let ctx = Ctx::new(&cli.root, json)?;
-    match cli.command {
+    Ok(match cli.command {
         Command::Demo | Command::FakeAgent(_) => unreachable!("handled above"),
-        Command::Init => {
-            let dir = ops::init(&ctx)?;
-            if json {
-                report::json(&serde_json::json!({"root": dir}));
-            } else {
-                println!("initialized {}", dir.display());
-            }
-        }
-        Command::Agent(AgentCmd::Add(a)) => {
-            let s = ops::agent_add(
-                &ctx,
-                ops::AddRequest {
-                    name: a.name,
-                    capability: a.capability,
-                    parent: a.parent,
-                    task: a.task,
-                    worktree: a.worktree,
-                    runtime: a.runtime,
-                    model: a.model,
-                    recover: a.recover,
-                    command: a.command,
-                },
-            )?;
-            if json {
-                report::json(&s);
-            } else {
-                println!(
-                    "agent {} added ({}, runtime {}, state {})",
-                    s.agent_name, s.capability, s.runtime, s.state
-                );
-            }
-        }
-        Command::Agent(AgentCmd::Show { name }) => {
-            let v = ops::agent_show(&ctx, &name)?;
-            if json {
-                report::json(&v);
-            } else {
-                report::agent(&v);
-            }
-        }
-        Command::Turn(t) => {
-            let mut message = match (&t.message, &t.message_file) {
-                (Some(m), _) => Some(m.clone()),
-                (None, Some(p)) => Some(read_text(p, "--message-file")?),
-                (None, None) => None,
-            };
-            if let Some(from) = &t.from
-                && let Some(text) = message.take()
-            {
-                ops::mail_send(
-                    &ctx,
-                    ops::SendRequest {
-                        from: from.clone(),
-                        to: t.agent.clone(),
-                        kind: "status".into(),
-                        subject: "message".into(),
-                        body: text,
-                        priority: "normal".into(),
-                        payload: None,
-                        thread: None,
-                        force: false,
-                    },
-                )?;
-            }
-            let wait = if t.no_wait {
-                Duration::ZERO
-            } else {
-                t.wait.unwrap_or(Duration::from_secs(60))
-            };
-            let progress = if json {
-                None
-            } else {
-                Some(report::progress_printer(&t.agent))
-            };
-            let req = TurnRequest {
-                agent: t.agent.clone(),
-                message,
-                no_mail: t.no_mail,
-                wait,
-                stall: t.stall,
-                grace: t.grace,
-                deadline: t.deadline,
-                progress,
-            };
-            let abort = abort_on_signals();
-            let s = turn::run(&ctx, req, abort).await?;
-            if json {
-                report::json(&s);
-            } else {
-                report::turn_summary(&s);
-            }
-            return Ok(s.exit_code);
-        }
-        Command::Nudge(n) => {
-            let r = serve::nudge(&ctx, &n.agent, n.text, n.from, n.force).await?;
-            let code = r.turn.as_ref().map(|t| t.exit_code).unwrap_or(0);
-            if json {
-                report::json(&r);
-            } else {
-                println!("{}", r.message);
-            }
-            return Ok(code);
-        }
-        Command::Stop(s) => {
-            let r = crate::stop::stop(&ctx, &s.agent, s.grace, s.wait).await?;
-            if json {
-                report::json(&r);
-            } else {
-                println!("{}", r.message);
-            }
-        }
-        Command::Serve(s) => {
-            let cfg = &ctx.config;
-            let opts = serve::ServeOptions {
-                poll: s.poll.unwrap_or(cfg.serve_poll),
-                sweep_every: s.sweep_every.unwrap_or(cfg.sweep_every),
-                max_concurrent: s.max_concurrent.unwrap_or(cfg.serve_max_concurrent).max(1),
-                grace: s.grace.unwrap_or(cfg.grace),
-                stall: s.stall,
-            };
-            let signals = serve::signal_counter();
-            let r = serve::serve(Arc::new(ctx.clone()), opts, signals).await?;
-            if json {
-                report::json(&r);
-            } else {
-                println!(
-                    "serve: {} turn(s), {} sweep(s), {} interrupted",
-                    r.turns, r.sweeps, r.interrupted
-                );
-            }
-        }
+        Command::Init => emit(
+            &report::Initialized {
+                root: ops::init(&ctx)?,
+            },
+            json,
+        ),
+        Command::Agent(AgentCmd::Add(a)) => emit(&ops::agent_add(&ctx, a.into())?, json),
+        Command::Agent(AgentCmd::Show { name }) => emit(&ops::agent_show(&ctx, &name)?, json),
+        Command::Turn(t) => emit(&run_turn(&ctx, t).await?, json),
+        Command::Nudge(n) => emit(
+            &serve::nudge(&ctx, &n.agent, n.text, n.from, n.force).await?,
+            json,
+        ),
+        Command::Stop(s) => emit(
+            &crate::stop::stop(&ctx, &s.agent, s.grace, s.wait).await?,
+            json,
+        ),
+        Command::Serve(s) => emit(&run_serve(&ctx, s).await?, json),
         Command::Sweep(s) => {
             let c = ctx.clone();
             let r = tokio::task::spawn_blocking(move || crate::sweep::sweep(&c, s.dry_run))
                 .await
-                .map_err(|e| crate::error::Error::Internal(e.to_string()))??;
-            if json {
-                report::json(&r);
-            } else {
-                println!(
-                    "sweep{}: scanned {}, orphan turns {}, groups killed {}, claims retried {}, released {}, dead {}, states fixed {}, turns stopped {}, due agents {}, errors {}",
-                    if r.dry_run { " (dry run)" } else { "" },
-                    r.scanned,
-                    r.orphan_turns,
-                    r.groups_killed,
-                    r.claims_retried,
-                    r.claims_released,
-                    r.claims_dead,
-                    r.states_fixed,
-                    r.turns_stopped,
-                    r.due_agents,
-                    r.errors
-                );
-                for e in &r.error_messages {
-                    report::error(e);
-                }
-            }
+                .map_err(|e| Error::Internal(e.to_string()))??;
+            emit(&r, json)
         }
-        Command::Status(s) => {
-            let rows = ops::status(&ctx, s.agent.as_deref())?;
-            if json {
-                report::json(&rows);
-            } else {
-                report::status(&rows);
-            }
-        }
-        Command::Turns(t) => {
-            let rows = ops::turns(&ctx, t.agent.as_deref(), t.limit)?;
-            if json {
-                report::json(&rows);
-            } else {
-                report::turns(&rows);
-            }
-        }
-        Command::Events(e) => {
-            let mut f = EventFilter {
-                agent: e.agent,
-                turn: e.turn,
-                event_type: e.event_type,
-                after_id: 0,
-                limit: e.limit,
-            };
-            let rows = ops::events(&ctx, &f)?;
-            if e.follow {
-                for r in &rows {
-                    if json {
-                        report::json_line(r)
-                    } else {
-                        println!("{}", report::event_line(r))
-                    }
-                }
-                f.after_id = rows.last().map(|r| r.id).unwrap_or(0);
-                if f.after_id == 0 {
-                    f.after_id = -1;
-                }
-                f.limit = 1000;
-                let mut signals = serve::signal_counter();
-                loop {
-                    tokio::select! {
-                        _ = signals.changed() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                    let q = EventFilter {
-                        after_id: f.after_id.max(0),
-                        ..f.clone()
-                    };
-                    let q = if q.after_id == 0 {
-                        EventFilter { after_id: 0, ..q }
-                    } else {
-                        q
-                    };
-                    let new = ops::events(&ctx, &EventFilter { limit: 1000, ..q })?;
-                    let new: Vec<_> = new.into_iter().filter(|r| r.id > f.after_id).collect();
-                    for r in &new {
-                        if json {
-                            report::json_line(r)
-                        } else {
-                            println!("{}", report::event_line(r))
-                        }
-                    }
-                    if let Some(l) = new.last() {
-                        f.after_id = l.id;
-                    }
-                }
-            } else if json {
-                report::json(&rows);
-            } else {
-                report::events(&rows);
-            }
-        }
-        Command::Mail(MailCmd::Send(m)) => {
-            let body = match (&m.body, &m.body_file) {
-                (Some(b), _) => b.clone(),
-                (None, Some(p)) => read_text(p, "--body-file")?,
-                (None, None) => String::new(),
-            };
-            let id = ops::mail_send(
-                &ctx,
-                ops::SendRequest {
-                    from: m.from,
-                    to: m.to,
-                    kind: m.kind,
-                    subject: m.subject,
-                    body,
-                    priority: m.priority,
-                    payload: m.payload,
-                    thread: m.thread,
-                    force: m.force,
-                },
-            )?;
-            if json {
-                report::json(&serde_json::json!({"id": id}));
-            } else {
-                println!("{id}");
-            }
-        }
+        Command::Status(s) => emit(
+            &report::StatusTable(ops::status(&ctx, s.agent.as_deref())?),
+            json,
+        ),
+        Command::Turns(t) => emit(
+            &report::TurnList(ops::turns(&ctx, t.agent.as_deref(), t.limit)?),
+            json,
+        ),
+        Command::Events(e) if e.follow => follow_events(&ctx, e).await?,
+        Command::Events(e) => emit(&report::EventList(ops::events(&ctx, &e.into())?), json),
+        Command::Mail(MailCmd::Send(m)) => emit(
+            &report::Sent {
+                id: ops::mail_send(&ctx, m.into_request()?)?,
+            },
+            json,
+        ),
         Command::Mail(MailCmd::List(l)) => {
-            let rows = ops::mail_list(
-                &ctx,
-                ListFilter {
-                    to: l.to,
-                    from: l.from,
-                    unread: l.unread,
-                    dead: l.dead,
-                    limit: l.limit,
-                },
-            )?;
-            if json {
-                report::json(&rows);
-            } else {
-                report::mail(&rows);
-            }
+            emit(&report::MailList(ops::mail_list(&ctx, l.into())?), json)
         }
         Command::Mail(MailCmd::Check { agent }) => {
-            let rows = ops::mail_check(&ctx, &agent)?;
-            if json {
-                report::json(&rows);
-            } else {
-                report::mail_bodies(&rows);
-            }
+            emit(&report::MailBodies(ops::mail_check(&ctx, &agent)?), json)
+        }
+    })
+}
+
+/// `runner turn`: `--message` (or its file) goes first, or is stored as mail
+/// from `--from`; the turn is aborted by SIGINT/SIGTERM.
+async fn run_turn(ctx: &Ctx, t: TurnArgs) -> Result<TurnSummary> {
+    let mut message = match (&t.message, &t.message_file) {
+        (Some(m), _) => Some(m.clone()),
+        (None, Some(p)) => Some(read_text(p, "--message-file")?),
+        (None, None) => None,
+    };
+    if let Some(from) = &t.from
+        && let Some(text) = message.take()
+    {
+        ops::mail_send(
+            ctx,
+            ops::SendRequest {
+                from: from.clone(),
+                to: t.agent.clone(),
+                kind: "status".into(),
+                subject: "message".into(),
+                body: text,
+                priority: "normal".into(),
+                payload: None,
+                thread: None,
+                force: false,
+            },
+        )?;
+    }
+    let wait = if t.no_wait {
+        Duration::ZERO
+    } else {
+        t.wait.unwrap_or(Duration::from_secs(60))
+    };
+    let progress = (!ctx.json).then(|| report::progress_printer(&t.agent));
+    let req = TurnRequest {
+        agent: t.agent,
+        message,
+        no_mail: t.no_mail,
+        wait,
+        stall: t.stall,
+        grace: t.grace,
+        deadline: t.deadline,
+        progress,
+    };
+    turn::run(ctx, req, abort_on_signals()).await
+}
+
+/// `runner serve`: flags over configuration, until signalled.
+async fn run_serve(ctx: &Ctx, s: ServeArgs) -> Result<serve::ServeReport> {
+    let cfg = &ctx.config;
+    let opts = serve::ServeOptions {
+        poll: s.poll.unwrap_or(cfg.serve_poll),
+        sweep_every: s.sweep_every.unwrap_or(cfg.sweep_every),
+        max_concurrent: s.max_concurrent.unwrap_or(cfg.serve_max_concurrent).max(1),
+        grace: s.grace.unwrap_or(cfg.grace),
+        stall: s.stall,
+    };
+    serve::serve(Arc::new(ctx.clone()), opts, serve::signal_counter()).await
+}
+
+/// `runner events --follow`: what is there, then every new event as it is
+/// written (one JSON object per line with `--json`), until SIGINT/SIGTERM.
+async fn follow_events(ctx: &Ctx, e: EventsArgs) -> Result<i32> {
+    let print = |r: &crate::store::events::StoredEvent| {
+        if ctx.json {
+            report::json_line(r)
+        } else {
+            println!("{}", report::event_line(r))
+        }
+    };
+    let mut f: EventFilter = e.into();
+    let first = ops::events(ctx, &f)?;
+    first.iter().for_each(print);
+    let mut last_id = first.last().map(|r| r.id).unwrap_or(0);
+    f.limit = 1000;
+    let mut signals = serve::signal_counter();
+    loop {
+        tokio::select! {
+            _ = signals.changed() => return Ok(0),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        let new = ops::events(
+            ctx,
+            &EventFilter {
+                after_id: last_id,
+                ..f.clone()
+            },
+        )?;
+        let new: Vec<_> = new.into_iter().filter(|r| r.id > last_id).collect();
+        new.iter().for_each(print);
+        if let Some(l) = new.last() {
+            last_id = l.id;
         }
     }
-    Ok(0)
 }
 
 /// First SIGINT/SIGTERM: abort with grace; second: kill at once.

@@ -279,6 +279,74 @@ pub struct MailListArgs {
     pub limit: i64,
 }
 
+/// Reads a text file named by a flag (`--message-file`, `--body-file`).
+pub fn read_text(path: &std::path::Path, what: &str) -> crate::error::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| crate::error::usage(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+impl From<AgentAddArgs> for crate::ops::AddRequest {
+    fn from(a: AgentAddArgs) -> Self {
+        crate::ops::AddRequest {
+            name: a.name,
+            capability: a.capability,
+            parent: a.parent,
+            task: a.task,
+            worktree: a.worktree,
+            runtime: a.runtime,
+            model: a.model,
+            recover: a.recover,
+            command: a.command,
+        }
+    }
+}
+
+impl From<EventsArgs> for crate::store::events::EventFilter {
+    fn from(e: EventsArgs) -> Self {
+        crate::store::events::EventFilter {
+            agent: e.agent,
+            turn: e.turn,
+            event_type: e.event_type,
+            after_id: 0,
+            limit: e.limit,
+        }
+    }
+}
+
+impl From<MailListArgs> for crate::store::mail::ListFilter {
+    fn from(l: MailListArgs) -> Self {
+        crate::store::mail::ListFilter {
+            to: l.to,
+            from: l.from,
+            unread: l.unread,
+            dead: l.dead,
+            limit: l.limit,
+        }
+    }
+}
+
+impl MailSendArgs {
+    /// The request, with `--body-file` read.
+    pub fn into_request(self) -> crate::error::Result<crate::ops::SendRequest> {
+        let body = match (self.body, &self.body_file) {
+            (Some(b), _) => b,
+            (None, Some(p)) => read_text(p, "--body-file")?,
+            (None, None) => String::new(),
+        };
+        Ok(crate::ops::SendRequest {
+            from: self.from,
+            to: self.to,
+            kind: self.kind,
+            subject: self.subject,
+            body,
+            priority: self.priority,
+            payload: self.payload,
+            thread: self.thread,
+            force: self.force,
+        })
+    }
+}
+
 /// `agent add … --command PROG [ARG...]`: everything after `--command` (an
 /// optional `--` first) is the agent's argv, never runner's own flags. Splits
 /// it off before clap sees the rest.

@@ -10,10 +10,186 @@ use serde::Serialize;
 
 use crate::clock;
 use crate::ops::AgentView;
+use crate::serve::{NudgeReport, ServeReport};
+use crate::stop::StopReport;
 use crate::store::events::StoredEvent;
 use crate::store::mail::Message;
+use crate::store::sessions::Session;
 use crate::store::turns::TurnRow;
+use crate::sweep;
 use crate::turn::{Progress, ProgressFn, TurnSummary};
+
+/// A command's result. It knows both of its renderings — the `--json`
+/// document (its `Serialize` form) and the human one — and the exit code it
+/// means, so that dispatch is one [`emit`] per command.
+pub trait Render: Serialize {
+    /// The human form, on stdout (diagnostics go to stderr).
+    fn human(&self);
+    fn exit_code(&self) -> i32 {
+        0
+    }
+}
+
+/// Prints `r` in the form asked for; returns the exit code it means.
+pub fn emit<R: Render>(r: &R, as_json: bool) -> i32 {
+    if as_json {
+        json(r)
+    } else {
+        r.human()
+    }
+    r.exit_code()
+}
+
+/// `runner init`.
+#[derive(Debug, Serialize)]
+pub struct Initialized {
+    pub root: std::path::PathBuf,
+}
+
+/// `runner mail send`.
+#[derive(Debug, Serialize)]
+pub struct Sent {
+    pub id: String,
+}
+
+/// `runner status`.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct StatusTable(pub Vec<AgentView>);
+
+/// `runner turns`.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct TurnList(pub Vec<TurnRow>);
+
+/// `runner events` (without `--follow`).
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct EventList(pub Vec<StoredEvent>);
+
+/// `runner mail list`.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct MailList(pub Vec<Message>);
+
+/// `runner mail check`: the messages in full.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct MailBodies(pub Vec<Message>);
+
+impl Render for Initialized {
+    fn human(&self) {
+        println!("initialized {}", self.root.display());
+    }
+}
+
+impl Render for Sent {
+    fn human(&self) {
+        println!("{}", self.id);
+    }
+}
+
+impl Render for Session {
+    fn human(&self) {
+        println!(
+            "agent {} added ({}, runtime {}, state {})",
+            self.agent_name, self.capability, self.runtime, self.state
+        );
+    }
+}
+
+impl Render for AgentView {
+    fn human(&self) {
+        agent(self)
+    }
+}
+
+impl Render for StatusTable {
+    fn human(&self) {
+        status(&self.0)
+    }
+}
+
+impl Render for TurnList {
+    fn human(&self) {
+        turns(&self.0)
+    }
+}
+
+impl Render for EventList {
+    fn human(&self) {
+        events(&self.0)
+    }
+}
+
+impl Render for MailList {
+    fn human(&self) {
+        mail(&self.0)
+    }
+}
+
+impl Render for MailBodies {
+    fn human(&self) {
+        mail_bodies(&self.0)
+    }
+}
+
+impl Render for TurnSummary {
+    fn human(&self) {
+        turn_summary(self)
+    }
+    fn exit_code(&self) -> i32 {
+        self.exit_code
+    }
+}
+
+impl Render for NudgeReport {
+    fn human(&self) {
+        println!("{}", self.message);
+    }
+    /// The turn's when it ran one; 0 when queued or debounced.
+    fn exit_code(&self) -> i32 {
+        self.turn.as_ref().map(|t| t.exit_code).unwrap_or(0)
+    }
+}
+
+impl Render for StopReport {
+    fn human(&self) {
+        println!("{}", self.message);
+    }
+}
+
+impl Render for ServeReport {
+    fn human(&self) {
+        println!(
+            "serve: {} turn(s), {} sweep(s), {} interrupted",
+            self.turns, self.sweeps, self.interrupted
+        );
+    }
+}
+
+impl Render for sweep::Report {
+    fn human(&self) {
+        let r = self;
+        println!(
+            "sweep{}: scanned {}, orphan turns {}, groups killed {}, claims retried {}, released {}, dead {}, states fixed {}, turns stopped {}, due agents {}, errors {}",
+            if r.dry_run { " (dry run)" } else { "" },
+            r.scanned,
+            r.orphan_turns,
+            r.groups_killed,
+            r.claims_retried,
+            r.claims_released,
+            r.claims_dead,
+            r.states_fixed,
+            r.turns_stopped,
+            r.due_agents,
+            r.errors
+        );
+        for e in &r.error_messages {
+            error(e);
+        }
+    }
+}
 
 /// Prints `v` as one JSON document.
 pub fn json<T: Serialize + ?Sized>(v: &T) {
@@ -94,7 +270,7 @@ pub fn status(rows: &[AgentView]) {
     }
 }
 
-pub fn agent(v: &AgentView) {
+fn agent(v: &AgentView) {
     let s = &v.session;
     let mut out = std::io::stdout().lock();
     let kv = |out: &mut std::io::StdoutLock<'_>, k: &str, val: &str| {
@@ -154,7 +330,7 @@ pub fn agent(v: &AgentView) {
     }
 }
 
-pub fn turns(rows: &[TurnRow]) {
+fn turns(rows: &[TurnRow]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
@@ -199,7 +375,7 @@ pub fn event_line(e: &StoredEvent) -> String {
     )
 }
 
-pub fn events(rows: &[StoredEvent]) {
+fn events(rows: &[StoredEvent]) {
     let mut out = std::io::stdout().lock();
     for e in rows {
         let _ = writeln!(out, "{}", event_line(e));
@@ -227,7 +403,7 @@ pub fn mail(rows: &[Message]) {
     }
 }
 
-pub fn mail_bodies(rows: &[Message]) {
+fn mail_bodies(rows: &[Message]) {
     let mut out = std::io::stdout().lock();
     for m in rows {
         let _ = writeln!(out, "{}", crate::mail::render_message(m));
