@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::cli::{AgentCmd, Cli, Command, EventsArgs, MailCmd, ServeArgs, TurnArgs, read_text};
+use crate::cli::{
+    AgentCmd, Cli, Command, EventsArgs, MailCmd, ServeArgs, StoreCmd, TurnArgs, read_text,
+};
 use crate::ctx::Ctx;
 use crate::error::{Error, Result, exit_code};
 use crate::ops;
@@ -90,6 +92,21 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Mail(MailCmd::Check { agent }) => {
             emit(&report::MailBodies(ops::mail_check(&ctx, &agent)?), json)
+        }
+        Command::Store(StoreCmd::Migrate(m)) => {
+            let root = ctx.root.dir.clone();
+            if !root.join("sessions.db").exists() {
+                return Err(crate::error::usage(format!(
+                    "no runner store under {}: nothing to migrate (check --root)",
+                    root.display()
+                )));
+            }
+            let r = tokio::task::spawn_blocking(move || {
+                crate::store::pg::copy::copy_root(&root, &m.to, &m.schema)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+            emit(&r, json)
         }
     })
 }

@@ -63,6 +63,9 @@ pub enum Command {
     /// Send, list and check mail.
     #[command(subcommand)]
     Mail(MailCmd),
+    /// Move the store: copy this root's tables into PostgreSQL.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Test double speaking Claude's stream-json protocol.
     #[command(hide = true)]
     FakeAgent(crate::fake_agent::FakeArgs),
@@ -90,6 +93,7 @@ impl Command {
             | Command::Init
             | Command::Serve(_)
             | Command::Sweep(_)
+            | Command::Store(_)
             | Command::FakeAgent(_) => {}
         }
         v.into_iter().flatten().map(String::as_str).collect()
@@ -238,6 +242,23 @@ pub enum MailCmd {
         #[arg(long)]
         agent: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Copy this root's sessions, turns, mail and events into an empty
+    /// PostgreSQL schema (the SQLite files are left as they are).
+    Migrate(StoreMigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreMigrateArgs {
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (libpq syntax).
+    #[arg(long)]
+    pub to: String,
+    /// The schema to create and fill (env RUNNER_STORE_SCHEMA).
+    #[arg(long, env = "RUNNER_STORE_SCHEMA", default_value = "runner")]
+    pub schema: String,
 }
 
 #[derive(Debug, Args)]

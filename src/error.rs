@@ -8,6 +8,7 @@ use crate::config::ConfigError;
 use crate::lease::LeaseError;
 use crate::root::RootError;
 use crate::store::StoreError;
+use crate::store::pg::PgError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -24,6 +25,8 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Capability(#[from] CapabilityError),
+    #[error(transparent)]
+    Pg(#[from] PgError),
     /// A bug. Exit 70.
     #[error("internal error: {0} (this is a bug in runner: please report it)")]
     Internal(String),
@@ -45,6 +48,17 @@ pub fn exit_code(e: &Error) -> i32 {
         Error::Lease(LeaseError::Busy { .. }) => 4,
         Error::Lease(LeaseError::Io { .. }) => 2,
         Error::Internal(_) => 70,
+        // A server that does not answer is "busy": try again later. One that
+        // answers no, a bad URL, or a schema that is not ours is bad input.
+        Error::Pg(PgError::Unreachable { .. }) => 4,
+        Error::Pg(
+            PgError::BadUrl { .. }
+            | PgError::Refused { .. }
+            | PgError::NotOurs { .. }
+            | PgError::Newer { .. }
+            | PgError::NotEmpty { .. },
+        ) => 2,
+        Error::Pg(PgError::Query { .. }) => 70,
     }
 }
 

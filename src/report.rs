@@ -168,6 +168,15 @@ impl Render for ServeReport {
     }
 }
 
+impl Render for crate::store::pg::copy::CopyReport {
+    fn human(&self) {
+        println!(
+            "copied into schema {} at {}: {} sessions, {} runs, {} turns, {} messages, {} events",
+            self.schema, self.to, self.sessions, self.runs, self.turns, self.messages, self.events
+        );
+    }
+}
+
 impl Render for sweep::Report {
     fn human(&self) {
         let r = self;

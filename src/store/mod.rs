@@ -12,6 +12,7 @@
 pub mod events;
 pub mod mail;
 pub mod metrics;
+pub mod pg;
 pub mod schema;
 pub mod sessions;
 pub mod turns;

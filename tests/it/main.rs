@@ -6,6 +6,7 @@ mod ending;
 mod foundation;
 mod mail_serve;
 mod overstory;
+mod pg;
 mod props;
 mod reliability;
 mod sweep;
