@@ -9,6 +9,7 @@
 //! `outcome::decide`; this module gathers facts and executes.
 
 pub mod outcome;
+pub mod stderr;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -41,14 +42,12 @@ use crate::store::sessions::{self, Session};
 use crate::store::turns::{self, TurnRow};
 use crate::stream::{self, Ingest, Live, Notice, StreamReport};
 use crate::watchdog::{self, Fired};
-use outcome::{Abort, Decision, Facts, Outcome, StopReason, decide};
+use outcome::{Abort, Decision, Facts, Outcome, RunnerEnded, StopReason, decide};
 
 /// At most this many messages are delivered by one turn.
 pub const MAX_MAIL_PER_TURN: i64 = 50;
 /// How often `last_activity` is refreshed while lines arrive.
 pub const ACTIVITY_EVERY: Duration = Duration::from_secs(2);
-/// Bytes of stderr kept for the turn row.
-pub const STDERR_TAIL: usize = 2048;
 
 /// What the operator (or serve) asks of a running turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,29 +59,7 @@ pub enum AbortRequest {
     Kill,
 }
 
-/// One line of live progress.
-#[derive(Debug, Clone)]
-pub enum Progress {
-    Started {
-        turn_id: String,
-        pid: Option<u32>,
-        mail: usize,
-    },
-    Text(String),
-    Tool(String),
-    ToolDone {
-        name: String,
-        ms: Option<i64>,
-        error: bool,
-    },
-    Result {
-        clean: bool,
-        text: Option<String>,
-    },
-    Escalating(String),
-}
-
-pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+pub use crate::progress::{Progress, ProgressFn};
 
 #[derive(Clone, Default)]
 pub struct TurnRequest {
@@ -293,6 +270,7 @@ pub async fn run(
         acquired_at: now.clone(),
         deadline_at: Some(clock::format_ts(SystemTime::now() + deadline)),
         stall_timeout_ms: Some(stall.as_millis() as u64),
+        stall_limit_ms: Some(stall.as_millis() as u64),
     };
     let _ = lease.write_info(&info);
 
@@ -302,9 +280,12 @@ pub async fn run(
         &log_dir.join("runner.log"),
     ))));
     log.line(format!(
-        "turn {turn_id} of {agent}: runtime {}, {} mail, stall {stall:?}, grace {grace:?}, deadline {deadline:?}",
+        "turn {turn_id} of {agent}: runtime {}, {} mail, stall {}, grace {}, deadline {}",
         runtime.name(),
-        claimed.len()
+        claimed.len(),
+        clock::human_duration(stall),
+        clock::human_duration(grace),
+        clock::human_duration(deadline),
     ));
 
     let new_session_id = os::uuid_v4();
@@ -404,6 +385,9 @@ struct Execution {
     stream: StreamReport,
     rows_written: u64,
     stderr_tail: String,
+    stderr_dropped: u64,
+    /// The runner ended the CLI itself (after its result, or after stdout closed).
+    ended: Option<RunnerEnded>,
     leaked: bool,
     stdin_error: Option<String>,
     internal_error: Option<String>,
@@ -495,7 +479,8 @@ impl Running<'_> {
         };
         let pid = child.id().map(|p| p as i32);
         ex.agent_pid = pid;
-        let procs = TurnProcs::new(self.turn_id, pid, pid.and_then(os::start_time));
+        let procs =
+            TurnProcs::new(self.turn_id, pid, pid.and_then(os::start_time)).adopting_orphans();
         // If this code unwinds (a bug), the turn's processes die with it.
         let guard = KillOnDrop(Some(procs.clone()));
         if let Some(p) = pid {
@@ -505,8 +490,10 @@ impl Running<'_> {
             let _ = lease.write_info(info);
         }
         self.log.line(format!(
-            "spawned {} (pid {pid:?}) args {:?}",
-            spec.program, spec.args
+            "spawned {} (pid {}) args {}",
+            spec.program,
+            pid.map_or_else(|| "unknown".into(), |p| p.to_string()),
+            serde_json::to_string(&spec.args).unwrap_or_default()
         ));
         crate::fault::hit("after_spawn");
         self.say(Progress::Started {
@@ -563,12 +550,12 @@ impl Running<'_> {
             ))),
             _ => None,
         };
-        let tail = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let seen = Arc::new(Mutex::new(stderr::Seen::default()));
         let stderr_task = child.stderr.take().map(|e| {
-            tokio::spawn(drain_stderr(
+            tokio::spawn(stderr::drain(
                 e,
                 private_file(&log_dir.join("stderr.log")),
-                tail.clone(),
+                seen.clone(),
                 stop_rx.clone(),
             ))
         });
@@ -582,7 +569,16 @@ impl Running<'_> {
         let mut touch = tokio::time::interval_at(self.started + ACTIVITY_EVERY, ACTIVITY_EVERY);
         let mut touched_lines = 0u64;
         let mut first_event_done = false;
+        let mut ingest_task = ingest_task;
+        let mut stream_rep: Option<StreamReport> = None;
+        // Exit after the result (SPEC §6.5): set by the first end-of-turn line, never reset.
+        let result_exit = self.ctx.config.result_exit_timeout;
+        let mut result_exit_at: Option<Instant> = None;
+        // stdout at EOF without a result while the agent lives on.
+        let leak_timeout = self.ctx.config.leak_timeout;
+        let mut eof_exit_at: Option<Instant> = None;
         let status = loop {
+            let judging = ex.abort.is_none() && ex.ended.is_none();
             tokio::select! {
                 st = child.wait() => break st,
                 Some(n) = notices.recv() => match n {
@@ -592,13 +588,45 @@ impl Running<'_> {
                             self.log.line(format!("could not mark in_turn: {e}"));
                         }
                     }
-                    Notice::EndOfTurn if self.runtime.stdin_policy() == StdinPolicy::KeepUntilEndOfTurn => {
-                        let _ = stdin_tx.send(StdinCmd::Close);
+                    Notice::EndOfTurn => {
+                        if self.runtime.stdin_policy() == StdinPolicy::KeepUntilEndOfTurn {
+                            let _ = stdin_tx.send(StdinCmd::Close);
+                        }
+                        if result_exit_at.is_none() {
+                            result_exit_at = Some(Instant::now() + result_exit);
+                            self.log.line(format!("end-of-turn line: the agent has {} to exit", clock::human_duration(result_exit)));
+                        }
                     }
                     Notice::Progress(p) => self.say(p),
                     _ => {}
                 },
-                fired = &mut watch, if ex.abort.is_none() => {
+                rep = join_opt(&mut ingest_task) => {
+                    ingest_task = None;
+                    if rep.verdict.is_some() {
+                        result_exit_at.get_or_insert(Instant::now() + result_exit);
+                    } else if judging {
+                        eof_exit_at = Some(Instant::now() + leak_timeout);
+                        self.log.line(format!("stdout closed without an end-of-turn line: the agent has {} to exit", clock::human_duration(leak_timeout)));
+                    }
+                    stream_rep = Some(rep);
+                },
+                _ = sleep_until_opt(result_exit_at), if judging && result_exit_at.is_some() => {
+                    ex.ended = Some(RunnerEnded::AfterResult(result_exit));
+                    ex.leaked |= others_alive(&procs);
+                    let why = format!("the agent did not exit within {} of its result", clock::human_duration(result_exit));
+                    self.log.line(format!("{why}; ending it"));
+                    self.say(Progress::Escalating(why));
+                    (step, next_step_at) = self.escalate(Step::Graceful, &procs, &stdin_tx);
+                },
+                _ = sleep_until_opt(eof_exit_at), if judging && eof_exit_at.is_some() => {
+                    ex.ended = Some(RunnerEnded::AfterEof(leak_timeout));
+                    ex.leaked |= others_alive(&procs);
+                    let why = format!("stdout closed without an end-of-turn line and the agent did not exit within {}", clock::human_duration(leak_timeout));
+                    self.log.line(format!("{why}; ending it"));
+                    self.say(Progress::Escalating(why));
+                    (step, next_step_at) = self.escalate(Step::Graceful, &procs, &stdin_tx);
+                },
+                fired = &mut watch, if judging && result_exit_at.is_none() => {
                     let (a, why) = match fired {
                         Fired::Stall => (Abort::Stall, format!("no output for {}", clock::human_duration(self.stall))),
                         Fired::Deadline => (Abort::Deadline, "turn deadline passed".to_string()),
@@ -638,6 +666,12 @@ impl Running<'_> {
                         touched_lines = n;
                         let _ = sessions::touch(&self.store.conn, self.agent, &clock::now());
                     }
+                    // The sweep never judges below the limit applied now.
+                    let limit = watchdog::stall_limit(self.stall, live.tool_allowance()).as_millis() as u64;
+                    if info.stall_limit_ms != Some(limit) {
+                        info.stall_limit_ms = Some(limit);
+                        let _ = lease.write_info(info);
+                    }
                 }
             }
         };
@@ -653,16 +687,13 @@ impl Running<'_> {
         if let Some(p) = pid {
             spawn::disown(p);
         }
-        let left = procs.live();
+        let left = spawn::live(&procs);
         ex.leaked |= !left.is_empty();
         self.log.line(format!(
-            "agent exited: code {:?} signal {:?}; {} other process(es) of the turn alive",
-            ex.exit_code,
-            ex.signal,
+            "agent {}; {} other process(es) of the turn alive",
+            exit_words(ex.exit_code, ex.signal),
             left.len()
         ));
-        let mut ingest_task = ingest_task;
-        let mut stream_rep: Option<StreamReport> = None;
         if let Some(t) = ingest_task.as_mut()
             && let Ok(r) = tokio::time::timeout(self.ctx.config.leak_timeout, &mut *t).await
         {
@@ -671,7 +702,7 @@ impl Running<'_> {
         }
         // Nothing of the turn was alive at reap and nothing is left to start
         // one: the kill pass (another full /proc scan) has nothing to do.
-        if (!left.is_empty() || ex.abort.is_some())
+        if (!left.is_empty() || ex.abort.is_some() || ex.ended.is_some())
             && spawn::kill_all(&procs, Duration::from_secs(2)).await
         {
             self.log.line("killed the turn's leftover processes");
@@ -715,8 +746,9 @@ impl Running<'_> {
             }
         }
         guard.disarm();
-        let t = tail.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        ex.stderr_tail = String::from_utf8_lossy(&t).into_owned();
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        ex.stderr_tail = String::from_utf8_lossy(&seen.tail).into_owned();
+        ex.stderr_dropped = seen.dropped;
         spawn::reap_orphans();
         ex
     }
@@ -724,8 +756,10 @@ impl Running<'_> {
     fn cas(&self, to: State) -> Result<()> {
         let r = sessions::cas(&self.store.conn, self.agent, to, &clock::now())?;
         if !r.applied() {
-            self.log
-                .line(format!("state change to {to} lost the race: {r:?}"));
+            self.log.line(format!(
+                "state change to {to} lost the race: {}",
+                lost_race(&r)
+            ));
         }
         Ok(())
     }
@@ -798,7 +832,36 @@ impl Drop for KillOnDrop {
 /// abort kills those too, so `leaked` also counts what was alive when the
 /// runner began ending the turn, not only what outlived the agent.
 fn others_alive(procs: &TurnProcs) -> bool {
-    procs.live().iter().any(|&p| Some(p) != procs.agent_pid)
+    spawn::live(procs)
+        .iter()
+        .any(|&p| Some(p) != procs.agent_pid)
+}
+
+/// Resolves with the ingest's report when it ends (stdout at EOF); never
+/// when there is no ingest.
+async fn join_opt(task: &mut Option<tokio::task::JoinHandle<StreamReport>>) -> StreamReport {
+    match task {
+        Some(t) => t.await.unwrap_or_default(),
+        None => std::future::pending().await,
+    }
+}
+
+/// How the agent process ended, in words.
+fn exit_words(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(s)) => format!("was killed by signal {s}"),
+        (None, None) => "ended without an exit status".into(),
+    }
+}
+
+/// Why a state change did not apply, in words.
+fn lost_race(r: &crate::state::Cas) -> String {
+    match r {
+        crate::state::Cas::Applied => "it applied".into(),
+        crate::state::Cas::Lost { current } => format!("the state is {current}"),
+        crate::state::Cas::Missing => "the agent is gone".into(),
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -841,30 +904,6 @@ async fn feed_stdin(
         }
     }
     None
-}
-
-async fn drain_stderr(
-    mut err: tokio::process::ChildStderr,
-    mut log: Option<File>,
-    tail: Arc<Mutex<Vec<u8>>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = tokio::select! {
-            r = err.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
-            _ = stop.changed() => break,
-        };
-        if let Some(f) = log.as_mut() {
-            let _ = f.write_all(&buf[..n]);
-        }
-        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-        t.extend_from_slice(&buf[..n]);
-        if t.len() > STDERR_TAIL {
-            let cut = t.len() - STDERR_TAIL;
-            t.drain(..cut);
-        }
-    }
 }
 
 /// The line of the agent's stderr that explains a refusal: the first one
@@ -943,6 +982,7 @@ fn finish(
             terminal_mail: terminal,
             on_idle: cap.on_idle,
             unknown_resume: unknown_resume.is_some(),
+            runner_ended: ex.ended,
         };
         let d = decide(&facts);
         let reason = reason_for(&d, &ex, unknown_resume.as_deref());
@@ -959,7 +999,7 @@ fn finish(
         if let Some(to) = d.final_state {
             let r = sessions::cas(tx, agent, to, &now)?;
             if !r.applied() {
-                log.line(format!("final state {to} lost the race: {r:?}"));
+                log.line(format!("final state {to} lost the race: {}", lost_race(&r)));
             }
         }
         if unknown_resume.is_some() {
@@ -1032,6 +1072,7 @@ fn finish(
                 None
             },
             leaked: ex.leaked,
+            stderr_dropped_bytes: Some(ex.stderr_dropped as i64),
             ..start_row.clone()
         };
         turns::finish(tx, &row)?;
@@ -1039,9 +1080,9 @@ fn finish(
         Ok((d, final_state))
     })?;
     log.line(format!(
-        "outcome {} → state {:?}",
+        "outcome {} → state {}",
         decision.outcome.as_str(),
-        final_state
+        final_state.as_deref().unwrap_or("unknown")
     ));
     let _ = events::insert_rows(
         events_conn,
@@ -1080,8 +1121,22 @@ fn finish(
     })
 }
 
-/// Human-readable why, for anything but `done`.
+/// Human-readable why; `done` has none unless the runner ended the CLI.
 fn reason_for(d: &Decision, ex: &Execution, unknown_resume: Option<&str>) -> Option<String> {
+    let why = outcome_reason(d, ex, unknown_resume);
+    match ex.ended {
+        Some(RunnerEnded::AfterResult(t)) if ex.abort.is_none() => {
+            let note = format!(
+                "the runner ended the CLI after its result: it had not exited within {}",
+                clock::human_duration(t)
+            );
+            Some(why.map_or(note.clone(), |w| format!("{w}; {note}")))
+        }
+        _ => why,
+    }
+}
+
+fn outcome_reason(d: &Decision, ex: &Execution, unknown_resume: Option<&str>) -> Option<String> {
     let s = &ex.stream;
     Some(match d.outcome {
         Outcome::Done => return None,
@@ -1097,8 +1152,8 @@ fn reason_for(d: &Decision, ex: &Execution, unknown_resume: Option<&str>) -> Opt
             .unwrap_or_else(|| "could not start the agent".into()),
         Outcome::Refused => stderr_headline(&ex.stderr_tail).unwrap_or_else(|| {
             format!(
-                "the agent exited with code {:?} and wrote nothing",
-                ex.exit_code
+                "the agent {} and wrote nothing",
+                exit_words(ex.exit_code, ex.signal)
             )
         }),
         Outcome::Failed => {
@@ -1111,12 +1166,15 @@ fn reason_for(d: &Decision, ex: &Execution, unknown_resume: Option<&str>) -> Opt
                     "error result: {}",
                     s.result.result_text.clone().unwrap_or_default()
                 )
-            } else if let Some(sig) = ex.signal {
-                format!("the agent was killed by signal {sig} without an end-of-turn line")
+            } else if let Some(RunnerEnded::AfterEof(t)) = ex.ended {
+                format!(
+                    "stdout closed without an end-of-turn line and the agent lived on: the runner ended it after {}",
+                    clock::human_duration(t)
+                )
             } else {
                 format!(
-                    "the agent exited with code {:?} without an end-of-turn line",
-                    ex.exit_code
+                    "the agent {} without an end-of-turn line",
+                    exit_words(ex.exit_code, ex.signal)
                 )
             }
         }
