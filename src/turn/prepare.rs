@@ -40,6 +40,16 @@ pub struct Limits {
     pub deadline: Duration,
 }
 
+impl Limits {
+    fn of(ctx: &Ctx, req: &TurnRequest, cap: &Capability) -> Limits {
+        Limits {
+            stall: ctx.config.stall_for(req.stall, cap.stall_timeout),
+            grace: req.grace.unwrap_or(ctx.config.grace),
+            deadline: req.deadline.unwrap_or(ctx.config.deadline),
+        }
+    }
+}
+
 /// A started turn: everything the later steps need.
 pub struct Turn {
     /// The turn's own `sessions.db` connection.
@@ -130,26 +140,11 @@ pub async fn prepare(
     };
     let mut events_conn = ctx.events()?;
     record_turn_start(&mut events_conn, &tag, &row, runtime.name())?;
-    let limits = Limits {
-        stall: ctx.config.stall_for(req.stall, cap.stall_timeout),
-        grace: req.grace.unwrap_or(ctx.config.grace),
-        deadline: req.deadline.unwrap_or(ctx.config.deadline),
-    };
+    let limits = Limits::of(ctx, req, &cap);
     let mut lease = lease;
     let info = lease_info(&row, limits);
     let _ = lease.write_info(&info);
-    let log_dir = ctx.root.turn_log_dir(agent, &row.turn_id);
-    crate::root::private_dir(&log_dir)?;
-    let log = TurnLog::open(&log_dir.join("runner.log"));
-    log.line(format!(
-        "turn {} of {agent}: runtime {}, {} mail, stall {}, grace {}, deadline {}",
-        row.turn_id,
-        runtime.name(),
-        claimed.len(),
-        clock::human_duration(limits.stall),
-        clock::human_duration(limits.grace),
-        clock::human_duration(limits.deadline),
-    ));
+    let (log_dir, log) = open_log(ctx, &row, runtime.name(), claimed.len(), limits)?;
     Ok(Prepared::Turn(Box::new(Turn {
         store,
         events: Some(events_conn),
@@ -243,6 +238,28 @@ fn record_turn_start(
         },
     )?;
     Ok(())
+}
+
+/// The turn's log directory and `runner.log`, opened with its first line.
+fn open_log(
+    ctx: &Ctx,
+    row: &TurnRow,
+    runtime: &str,
+    mail: usize,
+    limits: Limits,
+) -> Result<(PathBuf, TurnLog)> {
+    let log_dir = ctx.root.turn_log_dir(&row.agent_name, &row.turn_id);
+    crate::root::private_dir(&log_dir)?;
+    let log = TurnLog::open(&log_dir.join("runner.log"));
+    log.line(format!(
+        "turn {} of {}: runtime {runtime}, {mail} mail, stall {}, grace {}, deadline {}",
+        row.turn_id,
+        row.agent_name,
+        clock::human_duration(limits.stall),
+        clock::human_duration(limits.grace),
+        clock::human_duration(limits.deadline),
+    ));
+    Ok((log_dir, log))
 }
 
 /// What the lease file says before the agent is spawned.

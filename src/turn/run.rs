@@ -13,19 +13,18 @@ use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::Child;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::io::{KillOnDrop, StdinCmd, feed_stdin, join_opt, private_file, sleep_until_opt};
+mod pipes;
+
+use super::io::{KillOnDrop, StdinCmd, join_opt, sleep_until_opt};
 use super::outcome::{Abort, RunnerEnded};
 use super::prepare::Turn;
 use super::reason::{exit_words, lost_race};
-use super::stderr;
 use super::{ACTIVITY_EVERY, AbortRequest, TurnRequest};
 use crate::clock;
 use crate::ctx::Ctx;
@@ -35,10 +34,10 @@ use crate::progress::{Progress, ProgressFn};
 use crate::runtime::{Graceful, SpawnSpec, StdinPolicy, TurnInput};
 use crate::spawn;
 use crate::state::State;
-use crate::store::events;
 use crate::store::sessions;
-use crate::stream::{self, Ingest, Live, Notice, StreamReport};
+use crate::stream::{Live, Notice, StreamReport};
 use crate::watchdog::{self, Fired};
+use pipes::Io;
 
 /// What executing the agent produced.
 #[derive(Debug, Default)]
@@ -95,22 +94,6 @@ struct Running<'a> {
     turn: &'a mut Turn,
     progress: Option<ProgressFn>,
     deadline_at: Instant,
-}
-
-/// The agent's pipes and the tasks serving them.
-struct Io {
-    stdin_tx: mpsc::UnboundedSender<StdinCmd>,
-    stdin_task: Option<JoinHandle<Option<String>>>,
-    /// Tells the ingest and stderr tasks to stop reading.
-    stop_tx: watch::Sender<bool>,
-    writer: Option<events::Writer>,
-    ingest_task: Option<JoinHandle<StreamReport>>,
-    /// The ingest's report, once it ended.
-    stream_rep: Option<StreamReport>,
-    notices: mpsc::UnboundedReceiver<Notice>,
-    stderr_task: Option<JoinHandle<()>>,
-    stderr_seen: Arc<Mutex<stderr::Seen>>,
-    live: Arc<Live>,
 }
 
 /// Escalation (SPEC §6.5): graceful stop → SIGTERM+SIGCONT → SIGKILL.
@@ -233,79 +216,6 @@ impl Running<'_> {
         t.info.agent_pid = Some(p);
         t.info.agent_start_time = procs.agent_start;
         let _ = t.lease.write_info(&t.info);
-    }
-
-    /// Step 6: stdin written concurrently with reading stdout (LESSONS 5);
-    /// stdout into events and `stdout.ndjson`; stderr into `stderr.log`.
-    fn start_io(&mut self, child: &mut Child, stdin_payload: Vec<u8>, ex: &mut Execution) -> Io {
-        let runtime = &self.turn.runtime;
-        let (stdin_tx, stdin_rx) = mpsc::unbounded_channel::<StdinCmd>();
-        let stdin_task = child.stdin.take().map(|s| {
-            tokio::spawn(feed_stdin(
-                s,
-                stdin_payload,
-                runtime.stdin_policy(),
-                stdin_rx,
-            ))
-        });
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let conn = match self.turn.events.take() {
-            Some(c) => Ok(c),
-            None => crate::store::events::open(&self.ctx.root.dir),
-        };
-        let writer = match conn.and_then(|c| events::Writer::start(c, self.turn.tag.clone())) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                ex.internal_error = Some(format!("events writer: {e}"));
-                None
-            }
-        };
-        let live = Live::new(self.turn.started);
-        let (notice_tx, notices) = mpsc::unbounded_channel::<Notice>();
-        let log_dir = &self.turn.log_dir;
-        let ingest_task = match (
-            child.stdout.take(),
-            writer.as_ref().and_then(|w| w.sender()),
-        ) {
-            (Some(out), Some(sender)) => Some(tokio::spawn(stream::ingest(
-                out,
-                Ingest {
-                    max_line: self.ctx.config.max_line,
-                    parser: self.turn.runtime.parser(),
-                    writer: sender,
-                    ndjson: private_file(&log_dir.join("stdout.ndjson")),
-                    live: live.clone(),
-                    notices: notice_tx,
-                    resume_requested: self.turn.resume_id.clone(),
-                    stop: stop_rx.clone(),
-                    first_line_no: 0,
-                    progress: self.progress.is_some(),
-                    progress_window: None,
-                },
-            ))),
-            _ => None,
-        };
-        let stderr_seen = Arc::new(Mutex::new(stderr::Seen::default()));
-        let stderr_task = child.stderr.take().map(|e| {
-            tokio::spawn(stderr::drain(
-                e,
-                private_file(&log_dir.join("stderr.log")),
-                stderr_seen.clone(),
-                stop_rx.clone(),
-            ))
-        });
-        Io {
-            stdin_tx,
-            stdin_task,
-            stop_tx,
-            writer,
-            ingest_task,
-            stream_rep: None,
-            notices,
-            stderr_task,
-            stderr_seen,
-            live,
-        }
     }
 
     /// Step 7: watchdogs (SPEC §6.5), stop and interruption (§6.6), until
@@ -606,53 +516,6 @@ impl Running<'_> {
             self.log("killed the turn's leftover processes");
         }
         self.drain(io, ex).await;
-    }
-
-    /// Nothing of the turn is alive: stdout closes now unless a process
-    /// escaped; read what is left, then collect stderr, stdin and the writer.
-    async fn drain(&mut self, mut io: Io, ex: &mut Execution) {
-        let drain = Duration::from_millis(500);
-        if let Some(mut t) = io.ingest_task.take() {
-            match tokio::time::timeout(drain, &mut t).await {
-                Ok(r) => io.stream_rep = r.ok(),
-                Err(_) => {
-                    self.log("stdout still open after every process was killed; stopped reading");
-                    let _ = io.stop_tx.send(true);
-                    io.stream_rep = t.await.ok();
-                }
-            }
-        }
-        ex.stream = io.stream_rep.take().unwrap_or_default();
-        if let Some(t) = io.stderr_task.take() {
-            let _ = tokio::time::timeout(drain, t).await;
-        }
-        let _ = io.stop_tx.send(true);
-        drop(io.stdin_tx);
-        if let Some(t) = io.stdin_task.take()
-            && let Ok(Some(e)) = t.await
-        {
-            self.log(format!("stdin: {e}"));
-            ex.stdin_error = Some(e);
-        }
-        if let Some(w) = io.writer.take() {
-            match tokio::task::spawn_blocking(move || w.finish()).await {
-                Ok((r, conn)) => {
-                    self.turn.events = conn;
-                    match r {
-                        Ok(n) => ex.rows_written = n,
-                        Err(e) => ex.internal_error = Some(format!("events writer: {e}")),
-                    }
-                }
-                Err(e) => ex.internal_error = Some(format!("events writer: {e}")),
-            }
-        }
-        let seen = io
-            .stderr_seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        ex.stderr_tail = String::from_utf8_lossy(&seen.tail).into_owned();
-        ex.stderr_dropped = seen.dropped;
     }
 }
 
