@@ -333,6 +333,11 @@ pub(crate) fn script_agent(t: &TestRoot, name: &str, body: &str) {
     .status(0);
 }
 
+/// A command line written as one string (no quoting needed in these tests).
+pub(crate) fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
 const INIT: &str = r#"echo '{"type":"system","subtype":"init","session_id":"s-1"}'"#;
 const RESULT_OK: &str =
     r#"echo '{"type":"result","subtype":"success","is_error":false,"result":"all done"}'"#;
@@ -360,28 +365,33 @@ fn assert_no_sleep(secs: &str) {
     assert!(left.is_empty(), "sleep {secs} outlived the turn: {left:?}");
 }
 
+/// Runs a turn of `b1` with one setting from the environment; asserts its
+/// exit code and that no `sleep <marker>` outlived it; returns its row.
+#[track_caller]
+fn run_turn(
+    t: &TestRoot,
+    env: (&str, &str),
+    line: &str,
+    marker: &str,
+    code: i32,
+) -> serde_json::Value {
+    let r = t.run_env(&[env], words(line));
+    let row = t.last_turn("b1");
+    assert_no_sleep(marker);
+    r.status(code);
+    row
+}
+
 fn result_exit_case(agent_body: &str, marker: &str) -> serde_json::Value {
     let t = TestRoot::new();
     script_agent(&t, "b1", agent_body);
-    let r = t.run_env(
-        &[("RUNNER_TURN_RESULT_EXIT_TIMEOUT", "500ms")],
-        [
-            "turn",
-            "--agent",
-            "b1",
-            "--message",
-            "go",
-            "--stall",
-            "30s",
-            "--grace",
-            "200ms",
-            "--deadline",
-            "40s",
-        ],
+    let row = run_turn(
+        &t,
+        ("RUNNER_TURN_RESULT_EXIT_TIMEOUT", "500ms"),
+        "turn --agent b1 --message go --stall 30s --grace 200ms --deadline 40s",
+        marker,
+        0,
     );
-    let row = t.last_turn("b1");
-    assert_no_sleep(marker);
-    r.status(0);
     assert_eq!(row["outcome"], "exited", "{row}");
     assert_eq!(row["clean_result"], true, "{row}");
     let reason = row["reason"].as_str().unwrap_or_default();
@@ -423,23 +433,13 @@ fn stdout_closed_without_a_result_while_the_cli_lives_is_failed_not_stalled() {
     let t = TestRoot::new();
     script_agent(&t, "b1", &format!("{INIT}\nexec 1>&-\nexec sleep 3164"));
     let id = t.mail("lead", "b1", "x");
-    let r = t.run_env(
-        &[("RUNNER_TURN_LEAK_TIMEOUT", "300ms")],
-        [
-            "turn",
-            "--agent",
-            "b1",
-            "--stall",
-            "30s",
-            "--grace",
-            "200ms",
-            "--deadline",
-            "40s",
-        ],
+    let row = run_turn(
+        &t,
+        ("RUNNER_TURN_LEAK_TIMEOUT", "300ms"),
+        "turn --agent b1 --stall 30s --grace 200ms --deadline 40s",
+        "3164",
+        1,
     );
-    let row = t.last_turn("b1");
-    assert_no_sleep("3164");
-    r.status(1);
     assert_eq!(row["outcome"], "failed", "{row}");
     assert_eq!(t.state("b1"), "between_turns");
     let (read, tries, claimed) = t.mail_state(&id);
@@ -462,15 +462,7 @@ fn an_orphan_that_left_the_session_and_cleared_its_environment_dies_with_the_tur
              while [ -z \"$(pgrep -x -f 'sleep 3165')\" ]; do sleep 0.01; done\n{RESULT_OK}"
         ),
     );
-    let r = t.run([
-        "turn",
-        "--agent",
-        "b1",
-        "--message",
-        "go",
-        "--grace",
-        "200ms",
-    ]);
+    let r = t.run(words("turn --agent b1 --message go --grace 200ms"));
     assert_no_sleep("3165");
     r.status(0);
     assert_eq!(t.last_turn("b1")["leaked"], true);
@@ -489,25 +481,13 @@ fn a_skipped_tool_result_line_disarms_the_declared_tool_allowance() {
         "b1",
         &format!("{INIT}\n{tool_use}\n{big_result}\nexec sleep 3166"),
     );
-    let r = t.run_env(
-        &[("RUNNER_TURN_MAX_LINE", "64KiB")],
-        [
-            "turn",
-            "--agent",
-            "b1",
-            "--message",
-            "go",
-            "--stall",
-            "500ms",
-            "--grace",
-            "200ms",
-            "--deadline",
-            "40s",
-        ],
+    let row = run_turn(
+        &t,
+        ("RUNNER_TURN_MAX_LINE", "64KiB"),
+        "turn --agent b1 --message go --stall 500ms --grace 200ms --deadline 40s",
+        "3166",
+        124,
     );
-    let row = t.last_turn("b1");
-    assert_no_sleep("3166");
-    r.status(124);
     assert_eq!(row["outcome"], "stalled", "not the deadline: {row}");
     t.assert_clean("b1");
 }

@@ -218,17 +218,9 @@ fn sweep_respects_a_declared_tool_timeout_but_stops_a_frozen_runner() {
             "echo '{{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"s-1\"}}'\n{tool_use}\nexec sleep 3167"
         ),
     );
-    let child = t.spawn([
-        "turn",
-        "--agent",
-        "b1",
-        "--message",
-        "go",
-        "--stall",
-        "20s",
-        "--grace",
-        "200ms",
-    ]);
+    let child = t.spawn(crate::ending::words(
+        "turn --agent b1 --message go --stall 20s --grace 200ms",
+    ));
     let lock = t.root().join("agents/b1/turn.lock");
     let lease = || -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(&lock).unwrap_or_default())
