@@ -40,6 +40,7 @@ struct RawTurn {
     grace: Option<String>,
     deadline: Option<String>,
     leak_timeout: Option<String>,
+    result_exit_timeout: Option<String>,
     max_line: Option<String>,
 }
 
@@ -94,6 +95,8 @@ pub struct Config {
     pub grace: Duration,
     pub deadline: Duration,
     pub leak_timeout: Duration,
+    /// How long the CLI may live on after its end-of-turn line (SPEC §6.5).
+    pub result_exit_timeout: Duration,
     pub max_line: usize,
     pub max_tries: u32,
     pub backoff_base: Duration,
@@ -124,6 +127,7 @@ impl Default for Config {
             grace: Duration::from_secs(5),
             deadline: Duration::from_secs(2 * 3600),
             leak_timeout: Duration::from_secs(1),
+            result_exit_timeout: Duration::from_secs(10),
             max_line: 16 << 20,
             max_tries: 5,
             backoff_base: Duration::from_secs(5),
@@ -195,6 +199,9 @@ impl Config {
             }
             if let Some(v) = t.leak_timeout {
                 self.leak_timeout = dur(f, "turn.leak_timeout", &v)?;
+            }
+            if let Some(v) = t.result_exit_timeout {
+                self.result_exit_timeout = dur(f, "turn.result_exit_timeout", &v)?;
             }
             if let Some(v) = t.max_line {
                 self.max_line = parse_size(&v).map_err(|e| err(f, "turn.max_line", e))? as usize;
@@ -271,6 +278,9 @@ impl Config {
                 "RUNNER_TURN_GRACE" => self.grace = d("turn.grace")?,
                 "RUNNER_TURN_DEADLINE" => self.deadline = d("turn.deadline")?,
                 "RUNNER_TURN_LEAK_TIMEOUT" => self.leak_timeout = d("turn.leak_timeout")?,
+                "RUNNER_TURN_RESULT_EXIT_TIMEOUT" => {
+                    self.result_exit_timeout = d("turn.result_exit_timeout")?
+                }
                 "RUNNER_TURN_MAX_LINE" => {
                     self.max_line =
                         parse_size(v).map_err(|e| err(&src, "turn.max_line", e))? as usize

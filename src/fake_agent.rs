@@ -449,8 +449,10 @@ fn play(out: &mut Out, step: Step) -> Option<i32> {
                 ])
                 .stdout(std::process::Stdio::null())
                 .status();
-            if !st.as_ref().is_ok_and(|s| s.success()) {
-                eprintln!("fake-agent: runner mail send failed: {st:?}");
+            match st {
+                Ok(s) if s.success() => {}
+                Ok(s) => eprintln!("fake-agent: runner mail send failed: {s}"),
+                Err(e) => eprintln!("fake-agent: runner mail send failed: {e}"),
             }
         }
         Step::Sleep { ms } => std::thread::sleep(Duration::from_millis(ms)),

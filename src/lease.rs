@@ -54,6 +54,11 @@ pub struct LeaseInfo {
     pub acquired_at: String,
     pub deadline_at: Option<String>,
     pub stall_timeout_ms: Option<u64>,
+    /// The runner's stall limit right now: `stall_timeout_ms` widened by a
+    /// declared tool timeout in flight (SPEC §6.5). Rewritten when it changes;
+    /// the sweep never judges below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_limit_ms: Option<u64>,
 }
 
 /// A held lease; dropping it releases the lock.

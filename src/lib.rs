@@ -19,6 +19,7 @@ pub mod lease;
 pub mod mail;
 pub mod ops;
 pub mod os;
+pub mod progress;
 pub mod report;
 pub mod root;
 pub mod runtime;

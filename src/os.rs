@@ -103,6 +103,9 @@ pub struct TurnProcs {
     pub agent_start: Option<u64>,
     /// `RUNNER_TURN_ID=<id>` as it appears in the environment.
     pub env_tag: Vec<u8>,
+    /// Also claim every orphan re-parented to the caller (a child subreaper)
+    /// since the agent started: set only by the runner of the turn itself.
+    pub adopt_orphans: bool,
 }
 
 impl TurnProcs {
@@ -111,13 +114,39 @@ impl TurnProcs {
             agent_pid,
             agent_start,
             env_tag: format!("RUNNER_TURN_ID={turn_id}").into_bytes(),
+            adopt_orphans: false,
         }
+    }
+
+    /// The same turn, seen by its own runner: orphans re-parented to it
+    /// belong to the turn (SPEC §6.7).
+    pub fn adopting_orphans(mut self) -> Self {
+        self.adopt_orphans = true;
+        self
+    }
+
+    /// Whether `s` is an orphan of this turn re-parented to us: a child of
+    /// ours that we did not spawn (`owned`), born since the agent started,
+    /// and not marked as another turn's.
+    fn is_adopted(&self, s: &ProcStat, me: i32, owned: &HashSet<i32>) -> bool {
+        self.adopt_orphans
+            && s.ppid == me
+            && !owned.contains(&s.pid)
+            && self.agent_start.is_none_or(|t| s.start_time >= t)
+            && (!environ_contains(s.pid, b"RUNNER_TURN_ID=")
+                || environ_contains(s.pid, &self.env_tag))
     }
 
     /// The live (non-zombie) processes of the turn: the agent, its process
     /// group, every descendant wherever it moved, and every process whose
     /// environment carries the turn id. Never includes the caller itself.
     pub fn live(&self) -> Vec<i32> {
+        self.live_except(&HashSet::new())
+    }
+
+    /// [`TurnProcs::live`], plus (when adopting) the orphans re-parented to
+    /// us, except the pids in `owned` (agents we spawned and wait for).
+    pub fn live_except(&self, owned: &HashSet<i32>) -> Vec<i32> {
         let me = std::process::id() as i32;
         let stats: Vec<ProcStat> = all_pids().into_iter().filter_map(proc_stat).collect();
         let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
@@ -142,6 +171,7 @@ impl TurnProcs {
             if Some(s.pid) == agent
                 || in_group
                 || (may_carry_tag && environ_contains(s.pid, &self.env_tag))
+                || self.is_adopted(s, me, owned)
             {
                 stack.push(s.pid);
             }

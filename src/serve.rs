@@ -97,7 +97,11 @@ pub async fn serve(
                     Ok(Ok(r)) => {
                         rep.sweeps += 1;
                         if r.errors > 0 {
-                            tracing::warn!("sweep: {} error(s): {:?}", r.errors, r.error_messages);
+                            tracing::warn!(
+                                "sweep: {} error(s): {}",
+                                r.errors,
+                                r.error_messages.join("; ")
+                            );
                         }
                     }
                     Ok(Err(e)) => tracing::warn!("sweep failed: {e}"),

@@ -8,8 +8,11 @@
 //! group; SIGCONT after SIGTERM so stopped processes can act on it; SIGKILL
 //! until nothing is left, whatever was found before (LESSONS 3). Orphans
 //! re-parented to us (we are a child subreaper) are reaped here, never the
-//! children tokio waits for. Limit: a process that leaves the session *and*
-//! scrubs its environment escapes.
+//! children tokio waits for. A process that leaves the session *and* scrubs
+//! its environment is still found: it re-parents to the turn's runner (the
+//! subreaper) and every such orphan born during the turn is the turn's.
+//! Limit: under `serve`, an orphan of that kind born while several turns
+//! run dies with the first of them to end.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -68,6 +71,17 @@ pub fn disown(pid: i32) {
     }
 }
 
+/// The live processes of the turn (SPEC §6.7), never an agent of another
+/// turn of this runner.
+pub fn live(procs: &TurnProcs) -> Vec<i32> {
+    let owned = OWNED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default();
+    procs.live_except(&owned)
+}
+
 /// Reaps zombie orphans re-parented to us.
 pub fn reap_orphans() {
     let owned = OWNED.lock().unwrap_or_else(|e| e.into_inner());
@@ -78,7 +92,7 @@ pub fn reap_orphans() {
 /// Sends `sig` to every live process of the turn, by pid and by group.
 /// Returns how many processes were signalled.
 pub fn signal_turn(procs: &TurnProcs, sig: Sig) -> usize {
-    let live = procs.live();
+    let live = live(procs);
     let mut groups: HashSet<i32> = HashSet::new();
     if let Some(a) = procs.agent_pid {
         groups.insert(a);
@@ -117,7 +131,10 @@ pub async fn kill_all(procs: &TurnProcs, limit: Duration) -> bool {
         }
         killed_any = true;
         if Instant::now() >= until {
-            tracing::warn!("{n} process(es) of the turn survived SIGKILL for {limit:?}");
+            tracing::warn!(
+                "{n} process(es) of the turn survived SIGKILL for {}",
+                crate::clock::human_duration(limit)
+            );
             return true;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -146,12 +163,12 @@ pub fn kill_all_blocking(procs: &TurnProcs, limit: Duration) -> bool {
 /// up to `grace` for it to go, then SIGKILL until nothing is left. Returns
 /// whether anything was alive. Used by the sweep and by `runner stop`.
 pub fn terminate_blocking(procs: &TurnProcs, grace: Duration) -> bool {
-    if procs.live().is_empty() {
+    if live(procs).is_empty() {
         return false;
     }
     signal_turn(procs, Sig::SIGTERM);
     let until = std::time::Instant::now() + grace;
-    while std::time::Instant::now() < until && !procs.live().is_empty() {
+    while std::time::Instant::now() < until && !live(procs).is_empty() {
         reap_orphans();
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -22,9 +22,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::progress::Progress;
 use crate::runtime::{LineFacts, Parser, ResultInfo};
 use crate::store::events::{Batch, EventRow};
-use crate::turn::Progress;
 
 /// Longest `data` value stored in `events` (SPEC §2.2).
 pub const MAX_DATA: usize = 64 * 1024;
@@ -141,6 +141,13 @@ pub enum Notice {
 }
 
 /// State shared with the watchdog: updated once per read, read when a timer fires.
+///
+/// The tool allowance holds only while the parser keeps restating it: a line
+/// that does not (a skipped oversize or malformed line — maybe the very
+/// `tool_result` that ended the tool —, or any line the parser has no tool
+/// news for) disarms it, and the plain stall limit applies again. Losing an
+/// allowance can at worst stall a turn early; keeping a stale one would let a
+/// hung CLI outlive its stall limit by up to the declared timeout (LESSONS 38).
 #[derive(Debug)]
 pub struct Live {
     origin: Instant,
@@ -148,6 +155,8 @@ pub struct Live {
     lines: AtomicU64,
     /// Extra stall allowance of the longest declared tool timeout in flight (ms, 0 = none).
     tool_allowance_ms: AtomicU64,
+    /// The value of `lines` when the allowance was last set.
+    allowance_line: AtomicU64,
 }
 
 impl Live {
@@ -157,6 +166,7 @@ impl Live {
             last_line_ms: AtomicU64::new(0),
             lines: AtomicU64::new(0),
             tool_allowance_ms: AtomicU64::new(0),
+            allowance_line: AtomicU64::new(0),
         })
     }
 
@@ -173,15 +183,18 @@ impl Live {
         self.lines.load(Ordering::Relaxed)
     }
 
+    /// The allowance, if the latest line set (or restated) it.
     pub fn tool_allowance(&self) -> Option<std::time::Duration> {
-        match self.tool_allowance_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(std::time::Duration::from_millis(ms)),
+        let ms = self.tool_allowance_ms.load(Ordering::Acquire);
+        if ms == 0 || self.allowance_line.load(Ordering::Acquire) != self.lines() {
+            return None;
         }
+        Some(std::time::Duration::from_millis(ms))
     }
 
     pub fn set_tool_allowance(&self, ms: u64) {
-        self.tool_allowance_ms.store(ms, Ordering::Relaxed);
+        self.allowance_line.store(self.lines(), Ordering::Release);
+        self.tool_allowance_ms.store(ms, Ordering::Release);
     }
 }
 

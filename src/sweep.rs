@@ -441,14 +441,15 @@ fn sweep_one(
     }
 }
 
-/// The ceiling, widened like the stall limit when the turn's own stall
-/// timeout is longer.
+/// The ceiling, widened like the stall limit: never below the turn's own
+/// stall timeout, nor below the limit its runner applies right now (a
+/// declared tool timeout in flight included).
 fn ceiling_for(ctx: &Ctx, info: Option<&LeaseInfo>) -> Duration {
-    let stall = info
-        .and_then(|i| i.stall_timeout_ms)
+    let runner_limit = info
+        .and_then(|i| i.stall_timeout_ms.max(i.stall_limit_ms))
         .map(Duration::from_millis)
         .unwrap_or_default();
-    ctx.config.sweep_ceiling.max(stall)
+    ctx.config.sweep_ceiling.max(runner_limit)
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! agent is caught) and reset by every received line except model-API retry
 //! notices (the stream decides which lines count and records the time in
 //! [`Live`]); while a tool with a declared timeout is in flight the limit is
-//! `max(stall, declared + 30 s)`. One watchdog decides per turn (LESSONS 13):
+//! `max(stall, declared + 30 s)`, looked at again every second so that a
+//! withdrawn allowance is noticed at once. One watchdog decides per turn (LESSONS 13):
 //! the sweep's ceiling only acts on turns whose runner stopped judging.
 //! Non-goal: killing — escalation is the turn's.
 
@@ -26,6 +27,11 @@ pub fn stall_limit(stall: Duration, tool_allowance: Option<Duration>) -> Duratio
     tool_allowance.map_or(stall, |a| a.max(stall))
 }
 
+/// While a tool allowance widens the limit, look again at least this often:
+/// the allowance can be withdrawn at any line (its `tool_result`, or a line
+/// that does not restate it), and the plain limit must then apply at once.
+pub const RECHECK_WIDENED: Duration = Duration::from_secs(1);
+
 /// Either the instant to look again, or what fired.
 pub fn check(
     now: Instant,
@@ -37,11 +43,16 @@ pub fn check(
     if now >= deadline_at {
         return Err(Fired::Deadline);
     }
-    let stall_at = last_line_at + stall_limit(stall, tool_allowance);
+    let limit = stall_limit(stall, tool_allowance);
+    let stall_at = last_line_at + limit;
     if now >= stall_at {
         return Err(Fired::Stall);
     }
-    Ok(stall_at.min(deadline_at))
+    let next = stall_at.min(deadline_at);
+    if limit > stall {
+        return Ok(next.min(now + RECHECK_WIDENED));
+    }
+    Ok(next)
 }
 
 /// Waits until the stall or the deadline watchdog fires.
@@ -109,6 +120,27 @@ mod tests {
         let f = watch(&live, MS(300), t0 + Duration::from_secs(60)).await;
         assert_eq!(f, Fired::Stall);
         assert_eq!(Instant::now() - t0, MS(5000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_withdrawn_allowance_is_noticed_within_a_recheck() {
+        let t0 = Instant::now();
+        let live = Live::new(t0);
+        live.set_tool_allowance(60_000);
+        let withdraw = {
+            let live = live.clone();
+            async move {
+                tokio::time::sleep(MS(2_500)).await;
+                live.set_tool_allowance(0);
+            }
+        };
+        let (f, ()) = tokio::join!(
+            watch(&live, MS(300), t0 + Duration::from_secs(600)),
+            withdraw
+        );
+        assert_eq!(f, Fired::Stall);
+        // withdrawn at 2.5 s (last line at 0): noticed at the next look, 3 s
+        assert_eq!(Instant::now() - t0, MS(3_000));
     }
 
     #[tokio::test(start_paused = true)]

@@ -96,7 +96,8 @@ const TURNS_TABLE: &str = "CREATE TABLE IF NOT EXISTS turns (
   num_turns INTEGER,
   result_text TEXT,
   stderr_tail TEXT,
-  leaked INTEGER NOT NULL DEFAULT 0
+  leaked INTEGER NOT NULL DEFAULT 0,
+  stderr_dropped_bytes INTEGER
 )";
 
 const EVENTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS events (
@@ -265,7 +266,11 @@ fn up_to_date(conn: &Connection, marker_table: &str) -> Result<bool> {
 
 pub fn migrate_sessions(conn: &mut Connection, path: &Path) -> Result<()> {
     check_ours(conn, path, "sessions", "agent_name")?;
-    if up_to_date(conn, "turns")? {
+    // The newest column of `turns` marks a migrated file: the same two
+    // cheap looks as `up_to_date`.
+    if user_version(conn)? == SCHEMA_VERSION
+        && table_sql(conn, "turns")?.is_some_and(|s| s.contains("stderr_dropped_bytes"))
+    {
         return Ok(());
     }
     immediate(conn, "migrating sessions.db", |tx| {
@@ -295,6 +300,7 @@ pub fn migrate_sessions(conn: &mut Connection, path: &Path) -> Result<()> {
         tx.execute_batch(RUNS_TABLE).ctx("creating runs")?;
         add_missing(tx, "runs", &[("coordinator_name", "TEXT")])?;
         tx.execute_batch(TURNS_TABLE).ctx("creating turns")?;
+        add_missing(tx, "turns", &[("stderr_dropped_bytes", "INTEGER")])?;
         tx.execute_batch(
             "CREATE INDEX IF NOT EXISTS idx_sessions_state ON sessions(state);
              CREATE INDEX IF NOT EXISTS idx_sessions_run ON sessions(run_id);

@@ -38,12 +38,14 @@ pub struct TurnRow {
     pub result_text: Option<String>,
     pub stderr_tail: Option<String>,
     pub leaked: bool,
+    /// Bytes of stderr dropped between the head and the tail of `stderr.log`.
+    pub stderr_dropped_bytes: Option<i64>,
 }
 
 const COLS: &str = "turn_id, agent_name, started_at, ended_at, runner_pid, agent_pid, initial_state, \
     final_state, outcome, reason, exit_code, signal, clean_result, terminal_mail_observed, session_id, \
     resume_requested, resume_mismatch, events, lines, malformed_lines, bytes, mail_ids, cost_usd, \
-    input_tokens, output_tokens, num_turns, result_text, stderr_tail, leaked";
+    input_tokens, output_tokens, num_turns, result_text, stderr_tail, leaked, stderr_dropped_bytes";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<TurnRow> {
     let ids: String = r
@@ -79,6 +81,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TurnRow> {
         result_text: r.get(26)?,
         stderr_tail: r.get(27)?,
         leaked: r.get::<_, i64>(28)? != 0,
+        stderr_dropped_bytes: r.get(29)?,
     })
 }
 
@@ -117,7 +120,8 @@ pub fn finish(conn: &Connection, t: &TurnRow) -> Result<bool> {
             "UPDATE turns SET ended_at=?2, agent_pid=COALESCE(?3, agent_pid), final_state=?4, outcome=?5, \
              reason=?6, exit_code=?7, signal=?8, clean_result=?9, terminal_mail_observed=?10, session_id=?11, \
              resume_mismatch=?12, events=?13, lines=?14, malformed_lines=?15, bytes=?16, cost_usd=?17, \
-             input_tokens=?18, output_tokens=?19, num_turns=?20, result_text=?21, stderr_tail=?22, leaked=?23 \
+             input_tokens=?18, output_tokens=?19, num_turns=?20, result_text=?21, stderr_tail=?22, leaked=?23, \
+             stderr_dropped_bytes=?24 \
              WHERE turn_id=?1 AND ended_at IS NULL",
             params![
                 t.turn_id,
@@ -142,7 +146,8 @@ pub fn finish(conn: &Connection, t: &TurnRow) -> Result<bool> {
                 t.num_turns,
                 t.result_text,
                 t.stderr_tail,
-                t.leaked as i64
+                t.leaked as i64,
+                t.stderr_dropped_bytes
             ],
         )
         .ctx("finishing the turn row")?;

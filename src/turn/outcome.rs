@@ -61,6 +61,17 @@ pub enum Abort {
     Signal,
 }
 
+/// Why the runner ended a CLI that had stopped producing (SPEC §6.5) —
+/// not an abort: the outcome still comes from the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerEnded {
+    /// It did not exit within `result_exit_timeout` of its end-of-turn line.
+    AfterResult(std::time::Duration),
+    /// Its stdout closed without an end-of-turn line and it did not exit
+    /// within `leak_timeout`: no result can come any more.
+    AfterEof(std::time::Duration),
+}
+
 /// What the sweep wrote into `stop-reason` when it stopped a turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -85,6 +96,7 @@ pub struct Facts {
     pub on_idle: OnIdle,
     /// The CLI did not know the session it was asked to resume.
     pub unknown_resume: bool,
+    pub runner_ended: Option<RunnerEnded>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +127,9 @@ pub fn decide(f: &Facts) -> Decision {
         None if clean && f.terminal_mail => Done,
         None if clean && f.on_idle == OnIdle::Exit => Exited,
         None if clean => Waiting,
+        // Ended by us with stdout closed and no result: retryable, whatever
+        // its exit code says.
+        None if matches!(f.runner_ended, Some(RunnerEnded::AfterEof(_))) => Failed,
         None if !f.any_event && !f.unknown_resume && f.exit_code.is_some_and(|c| c != 0) => Refused,
         None => Failed,
     };
@@ -180,6 +195,7 @@ mod tests {
             terminal_mail: false,
             on_idle: OnIdle::Exit,
             unknown_resume: false,
+            runner_ended: None,
         }
     }
 

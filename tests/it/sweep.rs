@@ -203,3 +203,65 @@ fn sweep_on_an_empty_or_healthy_root_does_nothing() {
     assert_eq!(v["errors"], 0);
     assert_eq!(v["orphan_turns"], 0);
 }
+
+/// Issue 12 item 2: the sweep never judges a turn below the runner's own
+/// current limit (a declared tool timeout included), yet still stops a turn
+/// whose runner stopped judging.
+#[test]
+fn sweep_respects_a_declared_tool_timeout_but_stops_a_frozen_runner() {
+    let t = TestRoot::new();
+    let tool_use = r#"echo '{"type":"assistant","message":{"content":[{"type":"tool_use","id":"t1","name":"Bash","input":{"command":"make test","timeout":120000}}]}}'"#;
+    crate::ending::script_agent(
+        &t,
+        "b1",
+        &format!(
+            "echo '{{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"s-1\"}}'\n{tool_use}\nexec sleep 3167"
+        ),
+    );
+    let child = t.spawn(crate::ending::words(
+        "turn --agent b1 --message go --stall 20s --grace 200ms",
+    ));
+    let lock = t.root().join("agents/b1/turn.lock");
+    let lease = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&lock).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "the runner to publish its widened limit",
+        || t.state("b1") == "in_turn" && lease()["stall_limit_ms"] == 150_000,
+    );
+    // Age the turn: it began 61 s ago, its last line came 60 s ago — past
+    // the 5 s ceiling and the 20 s stall, within the tool's 150 s.
+    let ago =
+        |s: u64| runner::clock::format_ts(std::time::SystemTime::now() - Duration::from_secs(s));
+    let mut info = lease();
+    info["acquired_at"] = ago(61).into();
+    std::fs::write(&lock, info.to_string()).unwrap();
+    let set_activity = |ts: String| {
+        t.db("sessions.db")
+            .execute(
+                "UPDATE sessions SET last_activity=?1 WHERE agent_name='b1'",
+                [ts],
+            )
+            .unwrap()
+    };
+    set_activity(ago(60));
+    let ceiling = [("RUNNER_SWEEP_CEILING", "5s")];
+    let r = t.run_env(&ceiling, ["sweep", "--json"]);
+    r.status(0);
+    assert_eq!(r.json()["turns_stopped"], 0, "{}", r.stdout());
+    assert_eq!(t.state("b1"), "in_turn");
+    // The runner stops judging (frozen); its last line ages past 150 s.
+    signal(child.id(), Signal::SIGSTOP);
+    set_activity(ago(3600));
+    let r = t.run_env(&ceiling, ["sweep", "--json"]);
+    signal(child.id(), Signal::SIGCONT);
+    r.status(0);
+    assert_eq!(r.json()["turns_stopped"], 1, "{}", r.stdout());
+    let out = wait_child(child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(124));
+    assert_eq!(t.last_turn("b1")["outcome"], "stalled");
+    assert_eq!(t.state("b1"), "zombie");
+    t.assert_clean("b1");
+}

@@ -673,3 +673,41 @@ fn turns_and_events_commands() {
         Some(0)
     );
 }
+
+#[test]
+fn stderr_log_keeps_its_head_and_tail_and_the_row_counts_what_was_dropped() {
+    let t = TestRoot::new();
+    // 12 MiB of stderr in numbered lines, then a clean result.
+    crate::ending::script_agent(
+        &t,
+        "b1",
+        r#"echo '{"type":"system","subtype":"init","session_id":"s-1"}'
+i=0; while [ $i -lt 20 ]; do i=$((i+1)); echo "first lines $i" >&2; done
+yes 'a line of stderr the CLI writes in a loop, over and over again.' | head -c 12582912 >&2
+echo 'the very last line' >&2
+echo '{"type":"result","subtype":"success","is_error":false,"result":"ok"}'"#,
+    );
+    t.run(["turn", "--agent", "b1", "--message", "go"])
+        .status(0);
+    let row = t.last_turn("b1");
+    let log = std::fs::read(
+        t.turn_dir("b1", row["turn_id"].as_str().unwrap())
+            .join("stderr.log"),
+    )
+    .unwrap();
+    assert!(
+        log.len() <= (2 << 20) + 200,
+        "stderr.log is {} bytes",
+        log.len()
+    );
+    assert!(log.starts_with(b"first lines 1\n"));
+    assert!(log.ends_with(b"the very last line\n"));
+    let text = String::from_utf8_lossy(&log);
+    assert!(
+        text.contains("bytes of stderr dropped"),
+        "a marker between head and tail"
+    );
+    let dropped = row["stderr_dropped_bytes"].as_i64().unwrap_or(0);
+    assert!(dropped >= (10 << 20) - 4096, "{row}");
+    assert_eq!(row["outcome"], "exited");
+}

@@ -1,0 +1,281 @@
+//! Steps 1–4 of a turn (SPEC §6.1): check the agent, work out the input,
+//! take the lease and reclaim what a dead earlier turn left, claim the mail
+//! and record the start.
+//!
+//! Invariants: claims never exist without their turn row (one
+//! transaction); nothing is claimed or spawned without the lease; an agent
+//! that became `completed` or `zombie` while we waited is refused. Non-goal:
+//! running anything — [`Turn`] is handed to `run`.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::io::{TurnLog, aborted};
+use super::{
+    AbortRequest, MAX_MAIL_PER_TURN, TurnRequest, TurnSummary, load_runnable, new_turn_id,
+    refuse_finished,
+};
+use crate::capability::Capability;
+use crate::clock;
+use crate::ctx::Ctx;
+use crate::error::{Result, usage};
+use crate::lease::{Lease, LeaseInfo};
+use crate::mail::render_turn;
+use crate::os;
+use crate::runtime::{self, Runtime};
+use crate::store::Store;
+use crate::store::events::{self, Batch, EventRow, TurnTag};
+use crate::store::mail::{self as mailstore, Message};
+use crate::store::sessions::{self, Session};
+use crate::store::turns::{self, TurnRow};
+
+/// The limits one turn runs under (flag > environment > capability > file > default).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub stall: Duration,
+    pub grace: Duration,
+    pub deadline: Duration,
+}
+
+impl Limits {
+    fn of(ctx: &Ctx, req: &TurnRequest, cap: &Capability) -> Limits {
+        Limits {
+            stall: ctx.config.stall_for(req.stall, cap.stall_timeout),
+            grace: req.grace.unwrap_or(ctx.config.grace),
+            deadline: req.deadline.unwrap_or(ctx.config.deadline),
+        }
+    }
+}
+
+/// A started turn: everything the later steps need.
+pub struct Turn {
+    /// The turn's own `sessions.db` connection.
+    pub store: Store,
+    /// Its `events.db` connection (lent to the writer thread while running).
+    pub events: Option<rusqlite::Connection>,
+    pub session: Session,
+    pub cap: Capability,
+    pub runtime: Box<dyn Runtime>,
+    pub lease: Lease,
+    /// What the lease file says; rewritten as the turn learns more.
+    pub info: LeaseInfo,
+    /// The row as inserted at the start.
+    pub row: TurnRow,
+    pub mail_count: usize,
+    /// Terminal mail must be above this rowid (SPEC §6.2).
+    pub baseline: i64,
+    /// The user turn.
+    pub text: String,
+    pub tag: TurnTag,
+    pub resume_id: Option<String>,
+    pub limits: Limits,
+    pub started: Instant,
+    pub log_dir: PathBuf,
+    pub log: TurnLog,
+}
+
+impl Turn {
+    pub fn agent(&self) -> &str {
+        &self.row.agent_name
+    }
+
+    pub fn turn_id(&self) -> &str {
+        &self.row.turn_id
+    }
+}
+
+/// A turn to run, or the summary of why there is none.
+pub enum Prepared {
+    Turn(Box<Turn>),
+    Early(Box<TurnSummary>),
+}
+
+/// Steps 1–4.
+pub async fn prepare(
+    ctx: &Ctx,
+    req: &TurnRequest,
+    abort: &mut watch::Receiver<AbortRequest>,
+) -> Result<Prepared> {
+    let agent = req.agent.as_str();
+    // 1. Check the name, open the stores, read the session.
+    let mut store = ctx.store()?;
+    let (session, cap) = load_runnable(ctx, &store, agent)?;
+    // 2. Work out the input (a cheap early exit; step 4 decides for real).
+    if nothing_to_deliver(&store, req)? {
+        return Ok(Prepared::Early(Box::new(TurnSummary::nothing(agent))));
+    }
+    // 3. Take the lease; reclaim what a dead earlier turn left; re-read.
+    let lock_path = ctx.root.lock_path(agent);
+    let lease = tokio::select! {
+        l = Lease::acquire(&lock_path, agent, req.wait) => l?,
+        _ = aborted(abort) => return Ok(Prepared::Early(Box::new(TurnSummary::interrupted_waiting(
+            agent
+        )))),
+    };
+    crate::sweep::reclaim(ctx, &mut store, agent, &cap)?;
+    let session = match sessions::get(&store.conn, agent)? {
+        Some(s) => {
+            refuse_finished(&s)?;
+            s
+        }
+        None => session,
+    };
+    // 4. Claim, build the user turn, record the start.
+    let runtime = runtime::for_session(&session).map_err(usage)?;
+    let row = start_row(&session);
+    let Some((claimed, baseline)) = claim_and_insert(&mut store, req, &row)? else {
+        return Ok(Prepared::Early(Box::new(TurnSummary::nothing(agent))));
+    };
+    let row = TurnRow {
+        mail_ids: claimed.iter().map(|m| m.id.clone()).collect(),
+        ..row
+    };
+    let tag = TurnTag {
+        run_id: session.run_id.clone(),
+        agent_name: agent.to_string(),
+        turn_id: row.turn_id.clone(),
+    };
+    let mut events_conn = ctx.events()?;
+    record_turn_start(&mut events_conn, &tag, &row, runtime.name())?;
+    let limits = Limits::of(ctx, req, &cap);
+    let mut lease = lease;
+    let info = lease_info(&row, limits);
+    let _ = lease.write_info(&info);
+    let (log_dir, log) = open_log(ctx, &row, runtime.name(), claimed.len(), limits)?;
+    Ok(Prepared::Turn(Box::new(Turn {
+        store,
+        events: Some(events_conn),
+        text: render_turn(req.message.as_deref(), &claimed),
+        resume_id: row.resume_requested.clone(),
+        session,
+        cap,
+        runtime,
+        lease,
+        info,
+        mail_count: claimed.len(),
+        baseline,
+        tag,
+        limits,
+        started: Instant::now(),
+        log_dir,
+        log,
+        row,
+    })))
+}
+
+/// No `--message` and no due mail (or `--no-mail`).
+fn nothing_to_deliver(store: &Store, req: &TurnRequest) -> Result<bool> {
+    Ok(req.message.is_none()
+        && (req.no_mail || mailstore::due_count(&store.conn, &req.agent, &clock::now())? == 0))
+}
+
+/// The turn row as it starts.
+fn start_row(session: &Session) -> TurnRow {
+    TurnRow {
+        turn_id: new_turn_id(),
+        agent_name: session.agent_name.clone(),
+        started_at: clock::now(),
+        runner_pid: Some(std::process::id() as i64),
+        initial_state: Some(session.state.clone()),
+        resume_requested: session.claude_session_id.clone().filter(|s| !s.is_empty()),
+        ..Default::default()
+    }
+}
+
+/// Claims the due mail and inserts the turn row in one transaction, so
+/// claims never exist without their turn row. `None`: nothing to deliver.
+fn claim_and_insert(
+    store: &mut Store,
+    req: &TurnRequest,
+    row: &TurnRow,
+) -> Result<Option<(Vec<Message>, i64)>> {
+    Ok(store.tx("claiming mail and starting the turn", |tx| {
+        let claimed = if req.no_mail {
+            Vec::new()
+        } else {
+            mailstore::claim_due(
+                tx,
+                &row.agent_name,
+                &row.turn_id,
+                &row.started_at,
+                MAX_MAIL_PER_TURN,
+            )?
+        };
+        if claimed.is_empty() && req.message.is_none() {
+            return Ok(None);
+        }
+        let row = TurnRow {
+            mail_ids: claimed.iter().map(|m| m.id.clone()).collect(),
+            ..row.clone()
+        };
+        turns::insert_start(tx, &row)?;
+        Ok(Some((claimed, mailstore::max_rowid(tx)?)))
+    })?)
+}
+
+fn record_turn_start(
+    conn: &mut rusqlite::Connection,
+    tag: &TurnTag,
+    row: &TurnRow,
+    runtime: &str,
+) -> Result<()> {
+    events::insert_rows(
+        conn,
+        tag,
+        &Batch {
+            created_at: row.started_at.clone(),
+            session_id: row.resume_requested.clone(),
+            rows: vec![EventRow {
+                event_type: "turn_start",
+                level: "info",
+                data: serde_json::json!({"turn_id": row.turn_id, "mail_ids": row.mail_ids, "runtime": runtime})
+                    .to_string(),
+                ..Default::default()
+            }],
+        },
+    )?;
+    Ok(())
+}
+
+/// The turn's log directory and `runner.log`, opened with its first line.
+fn open_log(
+    ctx: &Ctx,
+    row: &TurnRow,
+    runtime: &str,
+    mail: usize,
+    limits: Limits,
+) -> Result<(PathBuf, TurnLog)> {
+    let log_dir = ctx.root.turn_log_dir(&row.agent_name, &row.turn_id);
+    crate::root::private_dir(&log_dir)?;
+    let log = TurnLog::open(&log_dir.join("runner.log"));
+    log.line(format!(
+        "turn {} of {}: runtime {runtime}, {mail} mail, stall {}, grace {}, deadline {}",
+        row.turn_id,
+        row.agent_name,
+        clock::human_duration(limits.stall),
+        clock::human_duration(limits.grace),
+        clock::human_duration(limits.deadline),
+    ));
+    Ok((log_dir, log))
+}
+
+/// What the lease file says before the agent is spawned.
+fn lease_info(row: &TurnRow, limits: Limits) -> LeaseInfo {
+    let me = std::process::id() as i32;
+    let stall_ms = limits.stall.as_millis() as u64;
+    LeaseInfo {
+        turn_id: row.turn_id.clone(),
+        runner_pid: me,
+        runner_start_time: os::start_time(me),
+        agent_pid: None,
+        agent_start_time: None,
+        host: os::hostname(),
+        acquired_at: row.started_at.clone(),
+        deadline_at: Some(clock::format_ts(SystemTime::now() + limits.deadline)),
+        stall_timeout_ms: Some(stall_ms),
+        stall_limit_ms: Some(stall_ms),
+    }
+}
