@@ -18,9 +18,11 @@ use crate::turn::{self, AbortRequest, TurnRequest};
 
 /// Runs a parsed command line; returns the process exit code.
 pub async fn main(cli: Cli) -> i32 {
+    let root = crate::ctx::absolute_root(&cli.root).unwrap_or_else(|_| cli.root.clone());
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
+            let e = e.under_root(&root);
             report::error(&e.to_string());
             exit_code(&e)
         }

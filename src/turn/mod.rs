@@ -344,27 +344,36 @@ pub async fn run(
         )
         .await;
     let mut store = run.store;
-    let mut events_conn = match run.events {
-        Some(c) => c,
-        None => ctx.events()?,
-    };
 
-    // 9. Decide and write, in one transaction.
-    let stop_reason = read_stop_reason(&ctx.root.stop_reason_path(agent));
-    let summary = finish(
-        ctx,
-        &mut store,
-        &mut events_conn,
-        &tag,
-        &session,
-        &cap,
-        runtime.as_ref(),
-        &row,
-        baseline,
-        exec,
-        stop_reason,
-        &log,
-    );
+    // 9. Decide and write, in one transaction — unless the disk is full: then
+    // nothing more can be written, the turn's processes are already dead, and
+    // its row stays open for `runner sweep` to finish and replay.
+    let summary = if exec.disk_full {
+        log.line("disk full: the turn's processes were killed; free space, then run runner sweep");
+        Err(Error::DiskFull {
+            root: ctx.root.dir.display().to_string(),
+        })
+    } else {
+        let mut events_conn = match run.events {
+            Some(c) => c,
+            None => ctx.events()?,
+        };
+        let stop_reason = read_stop_reason(&ctx.root.stop_reason_path(agent));
+        finish(
+            ctx,
+            &mut store,
+            &mut events_conn,
+            &tag,
+            &session,
+            &cap,
+            runtime.as_ref(),
+            &row,
+            baseline,
+            exec,
+            stop_reason,
+            &log,
+        )
+    };
 
     // 10. Remove turn.pid, release the lease.
     let _ = std::fs::remove_file(ctx.root.pid_path(agent));
@@ -407,6 +416,10 @@ struct Execution {
     leaked: bool,
     stdin_error: Option<String>,
     internal_error: Option<String>,
+    /// The events writer stopped or stdout.ndjson failed: the turn was killed at once.
+    output_lost: bool,
+    /// ... because the disk under the root is full (exit 74, the sweep finishes the row).
+    disk_full: bool,
 }
 
 struct Running<'a> {
@@ -596,6 +609,16 @@ impl Running<'_> {
                         let _ = stdin_tx.send(StdinCmd::Close);
                     }
                     Notice::Progress(p) => self.say(p),
+                    Notice::OutputLost { disk_full } => {
+                        ex.disk_full |= disk_full;
+                        if !ex.output_lost {
+                            // An agent whose output cannot be kept must not go on working.
+                            ex.output_lost = true;
+                            ex.leaked |= others_alive(&procs);
+                            self.log.line("output can no longer be kept: SIGKILL now");
+                            (step, next_step_at) = self.escalate(Step::Term, &procs, &stdin_tx);
+                        }
+                    }
                     _ => {}
                 },
                 fired = &mut watch, if ex.abort.is_none() => {
@@ -671,7 +694,7 @@ impl Running<'_> {
         }
         // Nothing of the turn was alive at reap and nothing is left to start
         // one: the kill pass (another full /proc scan) has nothing to do.
-        if (!left.is_empty() || ex.abort.is_some())
+        if (!left.is_empty() || ex.abort.is_some() || ex.output_lost)
             && spawn::kill_all(&procs, Duration::from_secs(2)).await
         {
             self.log.line("killed the turn's leftover processes");
@@ -708,7 +731,10 @@ impl Running<'_> {
                     self.events = conn;
                     match r {
                         Ok(n) => ex.rows_written = n,
-                        Err(e) => ex.internal_error = Some(format!("events writer: {e}")),
+                        Err(e) => {
+                            ex.disk_full |= matches!(e, crate::store::StoreError::DiskFull { .. });
+                            ex.internal_error = Some(format!("events writer: {e}"));
+                        }
                     }
                 }
                 Err(e) => ex.internal_error = Some(format!("events writer: {e}")),

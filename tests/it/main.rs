@@ -5,6 +5,7 @@
 mod ending;
 mod foundation;
 mod mail_serve;
+mod ops;
 mod props;
 mod reliability;
 mod sweep;
