@@ -29,6 +29,16 @@ pub async fn main(cli: Cli) -> i32 {
     }
 }
 
+/// Writes generated text (completions, the man page) to stdout.
+fn print_bytes(b: &[u8]) -> Result<i32> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(b)
+        .and_then(|()| out.flush())
+        .map_err(|e| usage(format!("cannot write to stdout: {e}")))?;
+    Ok(0)
+}
+
 fn read_text(path: &std::path::Path, what: &str) -> Result<String> {
     std::fs::read_to_string(path)
         .map_err(|e| usage(format!("cannot read {what} {}: {e}", path.display())))
@@ -42,9 +52,35 @@ async fn run(cli: Cli) -> Result<i32> {
     if let Command::Demo = cli.command {
         return crate::demo::run(json).await;
     }
+    if let Command::Completions { shell } = cli.command {
+        return print_bytes(&crate::manual::completions(shell));
+    }
+    if let Command::Man = cli.command {
+        let page = crate::manual::man_page()
+            .map_err(|e| crate::error::Error::Internal(format!("rendering the man page: {e}")))?;
+        return print_bytes(&page);
+    }
+    if let Command::Doctor = cli.command {
+        // Before `Ctx::new`: doctor creates nothing and reports a broken
+        // config instead of refusing it.
+        let root = crate::ctx::absolute_root(&cli.root)?;
+        let r = crate::doctor::run(&root).await;
+        if json {
+            report::json(&r);
+        } else {
+            for c in &r.checks {
+                println!("{}", c.line());
+            }
+        }
+        return Ok(r.exit_code());
+    }
     let ctx = Ctx::new(&cli.root, json)?;
     match cli.command {
-        Command::Demo | Command::FakeAgent(_) => unreachable!("handled above"),
+        Command::Demo
+        | Command::FakeAgent(_)
+        | Command::Completions { .. }
+        | Command::Man
+        | Command::Doctor => unreachable!("handled above"),
         Command::Init => {
             let dir = ops::init(&ctx)?;
             if json {

@@ -63,6 +63,15 @@ pub enum Command {
     /// Send, list and check mail.
     #[command(subcommand)]
     Mail(MailCmd),
+    /// Check the root, its stores, config, capabilities, agent CLIs and leftovers.
+    Doctor,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout.
+    Man,
     /// Test double speaking Claude's stream-json protocol.
     #[command(hide = true)]
     FakeAgent(crate::fake_agent::FakeArgs),

@@ -10,6 +10,7 @@
 //! deciding anything — callers pass in what to write.
 
 pub mod events;
+pub mod health;
 pub mod mail;
 pub mod schema;
 pub mod sessions;
