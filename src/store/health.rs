@@ -57,7 +57,13 @@ pub fn inspect(path: &Path, table: &str, column: &str) -> Result<Health> {
         .query_map([], |r| r.get::<_, String>(0))
         .and_then(|rows| rows.collect())
         .map_err(|e| classify("checking integrity", Some(path), e))?;
-    let problems = problems.into_iter().filter(|p| p != "ok").collect();
+    // One row may hold many lines, under "*** in database main ***" headers.
+    let problems = problems
+        .iter()
+        .flat_map(|p| p.lines())
+        .filter(|l| *l != "ok" && !l.starts_with("*** in database"))
+        .map(str::to_string)
+        .collect();
     Ok(Health {
         version,
         ours: has_table.is_some() && has_column.is_some(),

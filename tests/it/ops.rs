@@ -195,8 +195,12 @@ impl Tmpfs {
     }
 
     fn resize(&self, size: &str) {
+        self.remount(&format!("size={size}"));
+    }
+
+    fn remount(&self, opts: &str) {
         let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
+            .args(["-o", &format!("remount,{opts}")])
             .arg(&self.0)
             .output()
             .unwrap();
@@ -308,4 +312,503 @@ fn a_disk_that_fills_mid_turn_ends_the_turn_with_74_and_the_sweep_repairs_it() {
         );
         t.assert_clean("filler");
     });
+}
+
+// ---------------------------------------------------------------- doctor
+
+/// `runner doctor --json` with `env`: its exit code and checks.
+fn doctor(t: &TestRoot, env: &[(&str, &str)]) -> (i32, Vec<serde_json::Value>) {
+    let r = t.run_env(env, ["doctor", "--json"]);
+    assert!(!r.stderr().contains("panicked"), "{}", r.stderr());
+    let v = r.json();
+    assert_eq!(v["ok"], r.code() == 0, "{}", r.stdout());
+    (r.code(), v["checks"].as_array().unwrap().clone())
+}
+
+/// The check named `name`: asserts its level and that its detail (or fix)
+/// mentions `needle`; returns it.
+#[track_caller]
+fn expect(
+    checks: &[serde_json::Value],
+    name: &str,
+    level: &str,
+    needle: &str,
+) -> serde_json::Value {
+    let c = checks
+        .iter()
+        .find(|c| c["check"] == name)
+        .unwrap_or_else(|| panic!("no check {name}: {checks:#?}"))
+        .clone();
+    assert_eq!(c["level"], level, "{c:#}");
+    let text = format!("{} {}", c["detail"], c["fix"]);
+    assert!(
+        text.contains(needle),
+        "{name} should mention {needle:?}: {c:#}"
+    );
+    if level != "ok" {
+        assert!(
+            c["fix"].as_str().is_some_and(|f| !f.is_empty()),
+            "a fix: {c:#}"
+        );
+    }
+    c
+}
+
+/// A stand-in agent CLI that answers `--version` and records its arguments.
+fn fake_cli(t: &TestRoot, name: &str, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = t.path().join(name);
+    std::fs::write(
+        &p,
+        format!("#!/bin/sh\necho \"$@\" >> {}.args\n{body}\n", p.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p.display().to_string()
+}
+
+/// A root with agents of two runtimes, a turn behind it, a config file and
+/// a capability file of its own.
+fn healthy(t: &TestRoot) -> String {
+    t.agent("a", "builder", None, &[]);
+    t.mail("lead", "a", "x");
+    t.run(["turn", "--agent", "a"]).status(0);
+    let wt = t.path().display().to_string();
+    t.run([
+        "agent",
+        "add",
+        "c",
+        "--capability",
+        "scout",
+        "--worktree",
+        &wt,
+        "--runtime",
+        "claude",
+    ])
+    .status(0);
+    std::fs::write(
+        t.root().join("config.toml"),
+        "[turn]\nstall_timeout = \"5m\"\n[runtime.claude]\nargs = [\"--x\"]\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(t.root().join("capabilities")).unwrap();
+    std::fs::write(
+        t.root().join("capabilities/tester.md"),
+        "+++\nterminal_mail = [\"worker_done\"]\non_idle = \"exit\"\n+++\nTest things.\n",
+    )
+    .unwrap();
+    for p in ["config.toml", "capabilities/tester.md", "capabilities"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if p == "capabilities" { 0o700 } else { 0o600 };
+        std::fs::set_permissions(t.root().join(p), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fake_cli(t, "claude-cli", "echo '9.9.9 (Fake Code)'")
+}
+
+#[test]
+fn doctor_on_a_healthy_root_reports_all_ok() {
+    let t = TestRoot::new();
+    let claude = healthy(&t);
+    let (code, checks) = doctor(&t, &[("RUNNER_RUNTIME_CLAUDE_BIN", &claude)]);
+    assert_eq!(code, 0, "{checks:#?}");
+    for c in &checks {
+        assert_eq!(c["level"], "ok", "{c:#}");
+    }
+    for name in [
+        "root",
+        "modes",
+        "disk space",
+        "store sessions.db",
+        "store mail.db",
+        "store events.db",
+        "config",
+        "capabilities",
+        "runtime claude",
+        "runtime command",
+        "leftovers",
+        "states",
+        "fleet",
+    ] {
+        expect(&checks, name, "ok", "");
+    }
+    expect(&checks, "runtime claude", "ok", "9.9.9 (Fake Code)");
+    expect(&checks, "fleet", "ok", "PostgreSQL");
+    // Only `--version`: no model call.
+    let args = std::fs::read_to_string(format!("{claude}.args")).unwrap();
+    assert_eq!(args, "--version\n");
+    // The human form: one line per check.
+    let r = t.run_env(&[("RUNNER_RUNTIME_CLAUDE_BIN", &claude)], ["doctor"]);
+    r.status(0);
+    assert_eq!(r.stdout().lines().count(), checks.len());
+    assert!(
+        r.stdout().lines().all(|l| l.starts_with("ok ")),
+        "{}",
+        r.stdout()
+    );
+}
+
+#[test]
+fn doctor_fails_on_a_missing_root_and_creates_nothing() {
+    let t = TestRoot::new();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(code, 1);
+    expect(&checks, "root", "fail", "runner init");
+    assert_eq!(checks.len(), 1, "nothing else can be checked: {checks:#?}");
+    assert!(!t.root().exists(), "doctor must not create the root");
+    let r = t.run(["doctor"]);
+    r.status(1);
+    assert!(r.stdout().starts_with("fail  root: "), "{}", r.stdout());
+}
+
+#[test]
+fn doctor_fails_on_a_read_only_root() {
+    let t = TestRoot::new();
+    on_small_disk(&t, "16m", "doctor_fails_on_a_read_only_root", |fs| {
+        t.run(["init"]).status(0);
+        fs.remount("ro");
+        let (code, checks) = doctor(&t, &[]);
+        assert_eq!(code, 1);
+        expect(&checks, "root", "fail", "not writable");
+    });
+}
+
+#[test]
+fn doctor_warns_on_modes_open_to_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestRoot::new();
+    t.run(["init"]).status(0);
+    std::fs::set_permissions(
+        t.root().join("mail.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(code, 0, "a warning is not a failure");
+    expect(&checks, "modes", "warn", "mail.db is 0644");
+    expect(&checks, "modes", "warn", "chmod -R go-rwx");
+}
+
+#[test]
+fn doctor_warns_when_the_roots_filesystem_is_nearly_full() {
+    let t = TestRoot::new();
+    on_small_disk(
+        &t,
+        "8m",
+        "doctor_warns_when_the_roots_filesystem_is_nearly_full",
+        |_| {
+            t.run(["init"]).status(0);
+            let (code, checks) = doctor(&t, &[]);
+            assert_eq!(code, 0);
+            expect(&checks, "disk space", "warn", "nearly full");
+            expect(&checks, "disk space", "warn", "exit 74");
+        },
+    );
+}
+
+#[test]
+fn doctor_fails_on_a_store_that_is_not_ours() {
+    let t = TestRoot::new();
+    t.run(["init"]).status(0);
+    std::fs::remove_file(t.root().join("mail.db-wal")).ok();
+    std::fs::remove_file(t.root().join("mail.db-shm")).ok();
+    std::fs::write(t.root().join("mail.db"), vec![b'x'; 8192]).unwrap();
+    // A SQLite file of someone else's with a table of the same name.
+    std::fs::remove_file(t.root().join("events.db")).unwrap();
+    std::fs::remove_file(t.root().join("events.db-wal")).ok();
+    std::fs::remove_file(t.root().join("events.db-shm")).ok();
+    rusqlite::Connection::open(t.root().join("events.db"))
+        .unwrap()
+        .execute_batch("CREATE TABLE events (x INTEGER)")
+        .unwrap();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(code, 1);
+    expect(&checks, "store mail.db", "fail", "not a runner database");
+    expect(&checks, "store events.db", "fail", "not a runner database");
+    expect(&checks, "store sessions.db", "ok", "");
+    expect(&checks, "agents", "warn", "not checked");
+}
+
+#[test]
+fn doctor_reports_schema_versions_older_and_newer() {
+    let t = TestRoot::new();
+    t.run(["init"]).status(0);
+    t.db("sessions.db")
+        .execute_batch("PRAGMA user_version = 0")
+        .unwrap();
+    t.db("events.db")
+        .execute_batch("PRAGMA user_version = 99")
+        .unwrap();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(code, 1);
+    expect(&checks, "store sessions.db", "warn", "schema version 0");
+    expect(&checks, "store sessions.db", "warn", "runner init");
+    expect(&checks, "store events.db", "fail", "newer than this runner");
+    // Doctor migrated nothing.
+    assert_eq!(t.i64("sessions.db", "PRAGMA user_version"), 0);
+}
+
+#[test]
+fn doctor_fails_a_store_that_fails_the_integrity_check() {
+    let t = TestRoot::new();
+    t.agent(
+        "a",
+        "builder",
+        None,
+        &["--lines", "3000", "--line-bytes", "300"],
+    );
+    t.mail("lead", "a", "x");
+    t.run(["turn", "--agent", "a"]).status(0);
+    let c = t.db("events.db");
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    drop(c);
+    // Zero the second half of the file: the events table's pages.
+    let path = t.root().join("events.db");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let len = bytes.len();
+    assert!(len > 64 * 4096, "events.db is {len} bytes");
+    for b in &mut bytes[len / 2..len - 4096] {
+        *b = 0;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(code, 1);
+    let c = expect(&checks, "store events.db", "fail", "");
+    let detail = c["detail"].as_str().unwrap();
+    assert!(detail.contains("fails SQLite's quick_check: "), "{c:#}");
+    assert!(detail.contains("more)"), "{c:#}");
+}
+
+#[test]
+fn doctor_fails_on_config_typos_bad_values_and_bad_syntax() {
+    let t = TestRoot::new();
+    t.run(["init"]).status(0);
+    let config = t.root().join("config.toml");
+    std::fs::write(&config, "[turn]\nstall_timout = \"1m\"\n").unwrap();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(
+        code, 1,
+        "runner refuses this config.toml, so doctor fails it"
+    );
+    expect(
+        &checks,
+        "config",
+        "fail",
+        "turn.stall_timout (did you mean turn.stall_timeout?)",
+    );
+    // The rest is still checked.
+    expect(&checks, "leftovers", "ok", "");
+    std::fs::write(&config, "[turn]\ngrace = \"soon\"\n").unwrap();
+    expect(&doctor(&t, &[]).1, "config", "fail", "turn.grace");
+    std::fs::write(&config, "[turn\n").unwrap();
+    expect(&doctor(&t, &[]).1, "config", "fail", "does not parse");
+    std::fs::remove_file(&config).unwrap();
+    expect(
+        &doctor(&t, &[("RUNNER_SERVE_MAX_CONCURRENT", "many")]).1,
+        "config",
+        "fail",
+        "RUNNER_SERVE_MAX_CONCURRENT",
+    );
+}
+
+#[test]
+fn doctor_fails_on_a_capability_file_that_does_not_parse() {
+    let t = TestRoot::new();
+    t.run(["init"]).status(0);
+    std::fs::create_dir_all(t.root().join("capabilities")).unwrap();
+    std::fs::write(t.root().join("capabilities/broken.md"), "no front matter\n").unwrap();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(code, 1);
+    expect(&checks, "capability broken", "fail", "front matter");
+    expect(&checks, "capability broken", "fail", "broken.md");
+}
+
+#[test]
+fn doctor_checks_the_cli_of_every_runtime_in_use() {
+    let t = TestRoot::new();
+    t.run(["init"]).status(0);
+    let wt = t.path().display().to_string();
+    for (name, runtime) in [("c", "claude"), ("x", "codex")] {
+        t.run([
+            "agent",
+            "add",
+            name,
+            "--capability",
+            "builder",
+            "--worktree",
+            &wt,
+            "--runtime",
+            runtime,
+        ])
+        .status(0);
+    }
+    t.run([
+        "agent",
+        "add",
+        "m",
+        "--capability",
+        "builder",
+        "--worktree",
+        &wt,
+        "--command",
+        "./no-such-agent",
+    ])
+    .status(0);
+    let broken = fake_cli(&t, "codex-cli", "echo 'boom' >&2; exit 3");
+    let env = [
+        ("RUNNER_RUNTIME_CLAUDE_BIN", "/nonexistent/claude"),
+        ("RUNNER_RUNTIME_CODEX_BIN", broken.as_str()),
+    ];
+    let (code, checks) = doctor(&t, &env);
+    assert_eq!(code, 1);
+    expect(&checks, "runtime claude", "fail", "/nonexistent/claude");
+    expect(
+        &checks,
+        "runtime claude",
+        "fail",
+        "RUNNER_RUNTIME_CLAUDE_BIN",
+    );
+    expect(&checks, "runtime codex", "warn", "boom");
+    expect(&checks, "runtime command", "fail", "./no-such-agent");
+    assert!(
+        !checks.iter().any(|c| c["check"] == "runtime gemini"),
+        "only runtimes in use"
+    );
+}
+
+#[test]
+fn doctor_counts_what_the_sweep_would_repair_and_the_sweep_clears_it() {
+    let t = TestRoot::new();
+    t.agent("crashed", "builder", None, &[]);
+    t.agent("idle", "builder", None, &[]);
+    t.mail("lead", "crashed", "x");
+    // The runner dies right after spawning: turn.pid, an open turn row, a claim.
+    let r = t.run_env(
+        &[("RUNNER_FAULT", "after_spawn")],
+        ["turn", "--agent", "crashed"],
+    );
+    assert_eq!(r.out.status.code(), None, "killed by the fault");
+    t.db("sessions.db")
+        .execute_batch("UPDATE sessions SET state='in_turn' WHERE agent_name='idle'")
+        .unwrap();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(code, 0, "leftovers are a warning");
+    let c = expect(&checks, "leftovers", "warn", "runner sweep");
+    let detail = c["detail"].as_str().unwrap();
+    for part in [
+        "1 turn.pid without a live lease",
+        "1 unfinished turn row(s) of dead runners",
+        "1 claimed message(s) of dead turns",
+        "1 agent(s) in_turn with no turn",
+    ] {
+        assert!(detail.contains(part), "{part}: {detail}");
+    }
+    // Doctor changed nothing.
+    assert!(t.root().join("agents/crashed/turn.pid").exists());
+    assert_eq!(t.state("idle"), "in_turn");
+    t.run(["sweep"]).status(0);
+    expect(
+        &doctor(&t, &[]).1,
+        "leftovers",
+        "ok",
+        "nothing for the sweep",
+    );
+    t.assert_clean("crashed");
+}
+
+#[test]
+fn doctor_lists_stalled_or_zombie_agents_that_runner_did_not_mark() {
+    let t = TestRoot::new();
+    t.agent("ov-zombie", "builder", None, &["--result", "error"]);
+    t.agent("ov-stalled", "builder", None, &[]);
+    t.agent("own-zombie", "builder", None, &["--stall"]);
+    t.mail("lead", "ov-zombie", "x");
+    t.run(["turn", "--agent", "ov-zombie"]).status(1);
+    t.mail("lead", "own-zombie", "x");
+    t.run([
+        "turn",
+        "--agent",
+        "own-zombie",
+        "--stall",
+        "300ms",
+        "--grace",
+        "200ms",
+    ])
+    .status(124);
+    assert_eq!(t.state("own-zombie"), "zombie");
+    // What overstory's `ov status` does: write the state directly.
+    t.db("sessions.db")
+        .execute_batch(
+            "UPDATE sessions SET state='zombie' WHERE agent_name='ov-zombie';
+             UPDATE sessions SET state='stalled' WHERE agent_name='ov-stalled';",
+        )
+        .unwrap();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(code, 0);
+    expect(
+        &checks,
+        "state ov-zombie",
+        "warn",
+        "runner agent add ov-zombie",
+    );
+    expect(&checks, "state ov-zombie", "warn", "--recover");
+    expect(
+        &checks,
+        "state ov-stalled",
+        "warn",
+        "runner nudge --agent ov-stalled",
+    );
+    assert!(
+        !checks.iter().any(|c| c["check"] == "state own-zombie"),
+        "runner's own zombie is explained by its turn: {checks:#?}"
+    );
+    // The fix clears it.
+    t.run([
+        "agent",
+        "add",
+        "ov-zombie",
+        "--capability",
+        "builder",
+        "--recover",
+    ])
+    .status(0);
+    let checks = doctor(&t, &[]).1;
+    assert!(!checks.iter().any(|c| c["check"] == "state ov-zombie"));
+}
+
+// ---------------------------------------------------------------- completions, man
+
+#[test]
+fn completions_and_the_man_page_cover_every_subcommand() {
+    let t = TestRoot::new();
+    let paths = runner::manual::subcommand_paths();
+    assert!(paths.iter().any(|p| p == &["agent", "add"]));
+    assert!(paths.iter().any(|p| p == &["doctor"]));
+    assert!(
+        !paths.iter().any(|p| p[0] == "fake-agent"),
+        "hidden stays hidden"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let r = t.run(["completions", shell]);
+        r.status(0);
+        let script = r.stdout();
+        for p in &paths {
+            let leaf = p.last().unwrap();
+            assert!(script.contains(leaf.as_str()), "{shell}: no {leaf}");
+        }
+    }
+    let r = t.run(["completions", "tcsh"]);
+    r.status(2);
+    let r = t.run(["man"]);
+    r.status(0);
+    let page = r.stdout();
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH runner 1"),
+        "{page}"
+    );
+    for p in &paths {
+        let header = format!(".SH \"RUNNER {}\"", p.join(" ").to_uppercase());
+        assert!(page.contains(&header), "man page has no {header}");
+    }
+    assert!(page.contains("\\-\\-recover"), "options are rendered");
+    assert!(!t.root().exists(), "generating text touches no root");
 }
