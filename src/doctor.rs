@@ -546,9 +546,7 @@ async fn check_runtimes(c: &mut Checks, ctx: &Ctx, agents: &[Session]) {
                 c.fail(
                     format!("runtime {other}"),
                     format!("agent {} has unknown runtime '{other}'", s.agent_name),
-                    format!(
-                        "re-register it with a known --runtime (claude, codex, gemini, command)"
-                    ),
+                    "re-register it with a known --runtime (claude, codex, gemini, command)".into(),
                 );
                 continue;
             }
