@@ -23,13 +23,26 @@ use crate::turn::{self, AbortRequest, TurnRequest, TurnSummary};
 
 /// Runs a parsed command line; returns the process exit code.
 pub async fn main(cli: Cli) -> i32 {
+    let root = crate::ctx::absolute_root(&cli.root).unwrap_or_else(|_| cli.root.clone());
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
+            // A full or failing disk is said as what to do, naming the root.
+            let e = e.under_root(&root);
             report::error(&e.to_string());
             exit_code(&e)
         }
     }
+}
+
+/// Writes generated text (completions, the man page) to stdout.
+fn print_bytes(b: &[u8]) -> Result<i32> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(b)
+        .and_then(|()| out.flush())
+        .map_err(|e| crate::error::usage(format!("cannot write to stdout: {e}")))?;
+    Ok(0)
 }
 
 async fn run(cli: Cli) -> Result<i32> {
@@ -40,12 +53,31 @@ async fn run(cli: Cli) -> Result<i32> {
     if let Command::Demo = cli.command {
         return crate::demo::run(json).await;
     }
+    match cli.command {
+        Command::Completions { shell } => return print_bytes(&crate::manual::completions(shell)),
+        Command::Man => {
+            let page = crate::manual::man_page()
+                .map_err(|e| Error::Internal(format!("rendering the man page: {e}")))?;
+            return print_bytes(&page);
+        }
+        // Before `Ctx::new`: doctor creates nothing and reports a broken
+        // config instead of refusing it.
+        Command::Doctor => {
+            let root = crate::ctx::absolute_root(&cli.root)?;
+            return Ok(emit(&crate::doctor::run(&root).await, json));
+        }
+        _ => {}
+    }
     for name in cli.command.agent_names() {
         crate::root::check_name(name)?;
     }
     let ctx = Ctx::new(&cli.root, json)?;
     Ok(match cli.command {
-        Command::Demo | Command::FakeAgent(_) => unreachable!("handled above"),
+        Command::Demo
+        | Command::FakeAgent(_)
+        | Command::Completions { .. }
+        | Command::Man
+        | Command::Doctor => unreachable!("handled above"),
         Command::Init => emit(
             &report::Initialized {
                 root: ops::init(&ctx)?,

@@ -66,6 +66,15 @@ pub enum Command {
     /// Move the store: copy this root's tables into PostgreSQL.
     #[command(subcommand)]
     Store(StoreCmd),
+    /// Check the root, its stores, config, capabilities, agent CLIs and leftovers.
+    Doctor,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout.
+    Man,
     /// Test double speaking Claude's stream-json protocol.
     #[command(hide = true)]
     FakeAgent(crate::fake_agent::FakeArgs),
@@ -94,6 +103,9 @@ impl Command {
             | Command::Serve(_)
             | Command::Sweep(_)
             | Command::Store(_)
+            | Command::Doctor
+            | Command::Completions { .. }
+            | Command::Man
             | Command::FakeAgent(_) => {}
         }
         v.into_iter().flatten().map(String::as_str).collect()

@@ -75,6 +75,107 @@ struct RawRuntime {
     unattended: Option<bool>,
 }
 
+/// Every key config.toml accepts, by section (`runtime` sections take
+/// [`RUNTIME_KEYS`]). Kept next to the `Raw*` structs; a test checks that
+/// the parser accepts each one.
+pub const KNOWN_KEYS: [(&str, &[&str]); 4] = [
+    (
+        "turn",
+        &[
+            "stall_timeout",
+            "grace",
+            "deadline",
+            "leak_timeout",
+            "max_line",
+        ],
+    ),
+    ("retry", &["max_tries", "backoff_base"]),
+    ("sweep", &["every", "ceiling"]),
+    ("serve", &["poll", "max_concurrent"]),
+];
+pub const RUNTIME_KEYS: [&str; 5] = ["bin", "args", "env", "permission_mode", "unattended"];
+pub const RUNTIME_NAMES: [&str; 3] = ["claude", "codex", "gemini"];
+
+/// A key of config.toml that runner does not know, and the known key
+/// closest to it (for "did you mean …").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKey {
+    pub key: String,
+    pub closest: Option<String>,
+}
+
+/// The dotted names of every key config.toml accepts.
+pub fn known_keys() -> Vec<String> {
+    let mut all: Vec<String> = KNOWN_KEYS
+        .iter()
+        .flat_map(|(sec, keys)| keys.iter().map(move |k| format!("{sec}.{k}")))
+        .collect();
+    for rt in RUNTIME_NAMES {
+        all.extend(RUNTIME_KEYS.iter().map(|k| format!("runtime.{rt}.{k}")));
+    }
+    all
+}
+
+/// Keys of a parsed config.toml that runner does not know (the values
+/// under `runtime.<name>.env` are the agent's environment, not keys).
+pub fn unknown_keys(table: &toml::Table) -> Vec<UnknownKey> {
+    let known = known_keys();
+    let mut out = Vec::new();
+    let mut flag = |key: String| {
+        let closest = known
+            .iter()
+            .min_by_key(|k| edit_distance(k, &key))
+            .filter(|k| edit_distance(k, &key) <= k.len() / 2)
+            .cloned();
+        out.push(UnknownKey { key, closest });
+    };
+    for (sec, v) in table {
+        let Some(inner) = v.as_table() else {
+            flag(sec.clone());
+            continue;
+        };
+        if sec == "runtime" {
+            for (rt, v) in inner {
+                let Some(keys) = v
+                    .as_table()
+                    .filter(|_| RUNTIME_NAMES.contains(&rt.as_str()))
+                else {
+                    flag(format!("runtime.{rt}"));
+                    continue;
+                };
+                for k in keys.keys().filter(|k| !RUNTIME_KEYS.contains(&k.as_str())) {
+                    flag(format!("runtime.{rt}.{k}"));
+                }
+            }
+            continue;
+        }
+        match KNOWN_KEYS.iter().find(|(s, _)| s == sec) {
+            None => flag(sec.clone()),
+            Some((_, keys)) => {
+                for k in inner.keys().filter(|k| !keys.contains(&k.as_str())) {
+                    flag(format!("{sec}.{k}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Levenshtein distance between two short keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// Settings of one agent CLI.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -405,6 +506,42 @@ mod tests {
         assert!(e.to_string().contains("RUNNER_SERVE_MAX_CONCURRENT"), "{e}");
         let e = Config::from_parts(Some("[turn]\nbogus = 1\n"), "c.toml", &vars(&[])).unwrap_err();
         assert!(e.to_string().contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn every_known_key_is_accepted_and_a_typo_names_the_closest() {
+        for key in known_keys() {
+            let (table, leaf) = key.rsplit_once('.').unwrap();
+            let value = match leaf {
+                "max_tries" | "max_concurrent" => "1",
+                "args" => "[]",
+                "env" => "{}",
+                "unattended" => "true",
+                "max_line" => "\"1MiB\"",
+                "bin" | "permission_mode" => "\"x\"",
+                _ => "\"1s\"",
+            };
+            let text = format!("[{table}]\n{leaf} = {value}\n");
+            Config::from_parts(Some(&text), "c.toml", &vars(&[]))
+                .unwrap_or_else(|e| panic!("{key}: {e}"));
+            let t: toml::Table = toml::from_str(&text).unwrap();
+            assert!(unknown_keys(&t).is_empty(), "{key}");
+        }
+        let t: toml::Table = toml::from_str(
+            "[turn]\nstall_timout = \"1m\"\n[runtime.claude]\nbinn = \"x\"\nenv = { ANY = \"1\" }\n[bogus]\nzzzzzzzzzzzz = 1\n",
+        )
+        .unwrap();
+        let u = unknown_keys(&t);
+        assert!(u.contains(&UnknownKey {
+            key: "turn.stall_timout".into(),
+            closest: Some("turn.stall_timeout".into())
+        }));
+        assert!(u.contains(&UnknownKey {
+            key: "runtime.claude.binn".into(),
+            closest: Some("runtime.claude.bin".into())
+        }));
+        assert!(u.iter().any(|k| k.key == "bogus"), "{u:?}");
+        assert_eq!(u.len(), 3, "{u:?}");
     }
 
     #[test]

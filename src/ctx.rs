@@ -17,16 +17,7 @@ pub struct Ctx {
 impl Ctx {
     /// Prepares the root (absolute, created 0700) and loads the configuration.
     pub fn new(root: &Path, json: bool) -> Result<Ctx> {
-        let abs: PathBuf = if root.is_absolute() {
-            root.to_path_buf()
-        } else {
-            std::env::current_dir()
-                .map_err(|e| {
-                    crate::error::usage(format!("cannot read the current directory: {e}"))
-                })?
-                .join(root)
-        };
-        let root = Root::prepare(&abs)?;
+        let root = Root::prepare(&absolute_root(root)?)?;
         let config = Config::load(&root.dir)?;
         Ok(Ctx { root, config, json })
     }
@@ -38,4 +29,14 @@ impl Ctx {
     pub fn events(&self) -> Result<rusqlite::Connection> {
         Ok(crate::store::events::open(&self.root.dir)?)
     }
+}
+
+/// The root as an absolute path (relative to the current directory).
+pub fn absolute_root(root: &Path) -> Result<PathBuf> {
+    if root.is_absolute() {
+        return Ok(root.to_path_buf());
+    }
+    Ok(std::env::current_dir()
+        .map_err(|e| crate::error::usage(format!("cannot read the current directory: {e}")))?
+        .join(root))
 }

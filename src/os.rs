@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
+use std::path::Path;
 
 use nix::sys::signal::{self, Signal};
 use nix::sys::wait::{WaitPidFlag, waitpid};
@@ -291,6 +292,16 @@ pub fn parse_signal(s: &str) -> Option<Signal> {
         format!("SIG{up}")
     };
     name.parse().ok()
+}
+
+/// Space on the filesystem holding `path`: (bytes available to us, total bytes).
+pub fn disk_space(path: &Path) -> Option<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    let unit = st.fragment_size() as u64;
+    Some((
+        st.blocks_available() as u64 * unit,
+        st.blocks() as u64 * unit,
+    ))
 }
 
 /// This machine's host name.

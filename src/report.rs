@@ -177,6 +177,18 @@ impl Render for crate::store::pg::copy::CopyReport {
     }
 }
 
+impl Render for crate::doctor::Report {
+    fn human(&self) {
+        for c in &self.checks {
+            println!("{}", c.line());
+        }
+    }
+    /// 0 when nothing fails, 1 otherwise.
+    fn exit_code(&self) -> i32 {
+        crate::doctor::Report::exit_code(self)
+    }
+}
+
 impl Render for sweep::Report {
     fn human(&self) {
         let r = self;

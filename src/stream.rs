@@ -138,6 +138,9 @@ pub enum Notice {
     EndOfTurn,
     /// Something to show a human watching the turn.
     Progress(Progress),
+    /// Output can no longer be kept: the events writer stopped, or
+    /// `stdout.ndjson` could not be written (`disk_full`: for lack of space).
+    OutputLost { disk_full: bool },
 }
 
 /// State shared with the watchdog: updated once per read, read when a timer fires.
@@ -325,9 +328,12 @@ pub async fn ingest<R: AsyncRead + Unpin>(mut stdout: R, mut ing: Ingest) -> Str
         }
         let chunk = &buf[..n];
         if let Some(f) = ing.ndjson.as_mut()
-            && f.write_all(chunk).is_err()
+            && let Err(e) = f.write_all(chunk)
         {
             ing.ndjson = None; // the log is best effort; events still flow
+            if crate::error::disk_trouble(&e) == Some(crate::error::DiskTrouble::Full) {
+                let _ = ing.notices.send(Notice::OutputLost { disk_full: true });
+            }
         }
         rep.bytes += n as u64;
         framer.feed(chunk, |f| {
@@ -363,13 +369,17 @@ fn flush(ing: &mut Ingest, rows: &mut Vec<EventRow>, rep: &StreamReport) {
         rows: std::mem::take(rows),
     };
     // A full queue blocks this task (backpressure), never drops.
-    let _ = match ing.writer.try_send(batch) {
-        Ok(()) => Ok(()),
+    let sent = match ing.writer.try_send(batch) {
+        Ok(()) => true,
         Err(std::sync::mpsc::TrySendError::Full(b)) => {
-            tokio::task::block_in_place(|| ing.writer.send(b))
+            tokio::task::block_in_place(|| ing.writer.send(b)).is_ok()
         }
-        Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Ok(()),
+        Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
     };
+    if !sent {
+        // The writer stopped on an error (its own result says which).
+        let _ = ing.notices.send(Notice::OutputLost { disk_full: false });
+    }
 }
 
 fn handle(

@@ -352,20 +352,15 @@ fn has_leftovers(ctx: &Ctx, store: &Store, agent: &str) -> bool {
         || mailstore::claimed(&store.conn, Scope::Agent(agent)).is_ok_and(|c| !c.is_empty())
 }
 
-fn sweep_one(
-    ctx: &Ctx,
-    store: &mut Store,
-    s: &Session,
-    now_t: SystemTime,
-    dry_run: bool,
-    rep: &mut Report,
-) -> Result<()> {
+/// What the sweep knows about one agent now (read-only: `runner doctor`
+/// uses it too, with [`decide`], to count what a sweep would repair).
+pub fn gather(ctx: &Ctx, store: &Store, s: &Session, now_t: SystemTime) -> Result<AgentFacts> {
     let agent = s.agent_name.as_str();
     let lock = ctx.root.lock_path(agent);
     let held = lease::is_held(&lock);
     let info = if held { lease::read_info(&lock) } else { None };
     let since = |ts: &str| clock::parse_ts(ts).and_then(|t| now_t.duration_since(t).ok());
-    let facts = AgentFacts {
+    Ok(AgentFacts {
         state: s.state(),
         lease_held: held,
         lease: info.clone(),
@@ -380,7 +375,21 @@ fn sweep_one(
             .and_then(clock::parse_ts)
             .is_some_and(|d| now_t > d),
         ceiling: ceiling_for(ctx, info.as_ref()),
-    };
+    })
+}
+
+fn sweep_one(
+    ctx: &Ctx,
+    store: &mut Store,
+    s: &Session,
+    now_t: SystemTime,
+    dry_run: bool,
+    rep: &mut Report,
+) -> Result<()> {
+    let agent = s.agent_name.as_str();
+    let lock = ctx.root.lock_path(agent);
+    let facts = gather(ctx, store, s, now_t)?;
+    let info = facts.lease.clone();
     match decide(&facts) {
         Action::Nothing => Ok(()),
         Action::StopTurn { deadline } => {

@@ -10,6 +10,7 @@
 //! deciding anything — callers pass in what to write.
 
 pub mod events;
+pub mod health;
 pub mod mail;
 pub mod metrics;
 pub mod pg;
@@ -38,6 +39,16 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// SQLITE_FULL: the disk (or quota) under the database is full.
+    #[error("disk full while {context}")]
+    DiskFull { context: String },
+    /// SQLITE_IOERR: the disk under the database failed a read or write.
+    #[error("I/O error while {context}: {source}")]
+    DiskFault {
+        context: String,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("database error while {context}: {source}")]
     Sqlite {
         context: String,
@@ -48,8 +59,8 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// Classifies a SQLite error: busy/locked and "not a database" are the
-/// user-facing ones; the rest is a bug or a broken disk.
+/// Classifies a SQLite error: busy/locked, "not a database", a full disk
+/// and a failing disk are the user-facing ones; the rest is a bug.
 pub fn classify(context: &str, path: Option<&Path>, e: rusqlite::Error) -> StoreError {
     if let rusqlite::Error::SqliteFailure(f, ref msg) = e {
         match f.code {
@@ -66,6 +77,17 @@ pub fn classify(context: &str, path: Option<&Path>, e: rusqlite::Error) -> Store
                     detail: msg
                         .clone()
                         .unwrap_or_else(|| "file is not a database".into()),
+                };
+            }
+            ErrorCode::DiskFull => {
+                return StoreError::DiskFull {
+                    context: context.into(),
+                };
+            }
+            ErrorCode::SystemIoFailure => {
+                return StoreError::DiskFault {
+                    context: context.into(),
+                    source: e,
                 };
             }
             _ => {}

@@ -150,7 +150,18 @@ pub async fn run(
         Prepared::Early(summary) => return Ok(*summary),
     };
     let ex = run::run(ctx, &req, &mut turn, abort).await;
-    let summary = settle::settle(ctx, &mut turn, ex);
+    // 9. Decide and write — unless the disk is full: then nothing more can be
+    // written, the turn's processes are already dead, and its row stays open
+    // for `runner sweep` to finish and replay.
+    let summary = if ex.disk_full {
+        turn.log
+            .line("disk full: the turn's processes were killed; free space, then run runner sweep");
+        Err(Error::DiskFull {
+            root: ctx.root.dir.display().to_string(),
+        })
+    } else {
+        settle::settle(ctx, &mut turn, ex)
+    };
     settle::release(ctx, *turn);
     summary
 }

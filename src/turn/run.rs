@@ -56,6 +56,10 @@ pub struct Execution {
     pub leaked: bool,
     pub stdin_error: Option<String>,
     pub internal_error: Option<String>,
+    /// The events writer stopped or stdout.ndjson failed: the turn was killed at once.
+    pub output_lost: bool,
+    /// ... because the disk under the root is full (exit 74, the sweep finishes the row).
+    pub disk_full: bool,
 }
 
 /// Steps 5–8: spawn, stream, watch, escalate, reap.
@@ -250,7 +254,7 @@ impl Running<'_> {
             let judging = ex.abort.is_none() && ex.ended.is_none();
             tokio::select! {
                 st = child.wait() => return st,
-                Some(n) = io.notices.recv() => self.on_notice(n, &mut w, io),
+                Some(n) = io.notices.recv() => self.on_notice(n, &mut w, ex, procs, io),
                 rep = join_opt(&mut io.ingest_task) => {
                     io.ingest_task = None;
                     self.on_stdout_closed(&rep, judging, &mut w);
@@ -281,8 +285,9 @@ impl Running<'_> {
         }
     }
 
-    fn on_notice(&self, n: Notice, w: &mut Watch, io: &Io) {
+    fn on_notice(&self, n: Notice, w: &mut Watch, ex: &mut Execution, procs: &TurnProcs, io: &Io) {
         match n {
+            Notice::OutputLost { disk_full } => self.on_output_lost(disk_full, w, ex, procs, io),
             Notice::FirstEvent if !w.first_event_done => {
                 w.first_event_done = true;
                 if let Err(e) = self.cas(State::InTurn) {
@@ -304,6 +309,25 @@ impl Running<'_> {
             }
             Notice::Progress(p) => self.say(p),
             _ => {}
+        }
+    }
+
+    /// The turn's output can no longer be kept (a full disk, a dead events
+    /// writer): an agent whose work would be lost must not go on working.
+    fn on_output_lost(
+        &self,
+        disk_full: bool,
+        w: &mut Watch,
+        ex: &mut Execution,
+        procs: &TurnProcs,
+        io: &Io,
+    ) {
+        ex.disk_full |= disk_full;
+        if !ex.output_lost {
+            ex.output_lost = true;
+            ex.leaked |= others_alive(procs);
+            self.log("output can no longer be kept: SIGKILL now");
+            (w.step, w.next_step_at) = self.escalate(Step::Term, procs, io);
         }
     }
 
@@ -510,7 +534,7 @@ impl Running<'_> {
         }
         // Nothing of the turn was alive at reap and nothing is left to start
         // one: the kill pass (another full /proc scan) has nothing to do.
-        if (!left.is_empty() || ex.abort.is_some() || ex.ended.is_some())
+        if (!left.is_empty() || ex.abort.is_some() || ex.ended.is_some() || ex.output_lost)
             && spawn::kill_all(procs, Duration::from_secs(2)).await
         {
             self.log("killed the turn's leftover processes");

@@ -5,6 +5,7 @@
 mod ending;
 mod foundation;
 mod mail_serve;
+mod ops;
 mod overstory;
 mod pg;
 mod props;

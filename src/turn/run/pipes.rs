@@ -152,7 +152,10 @@ impl Running<'_> {
                     self.turn.events = conn;
                     match r {
                         Ok(n) => ex.rows_written = n,
-                        Err(e) => ex.internal_error = Some(format!("events writer: {e}")),
+                        Err(e) => {
+                            ex.disk_full |= matches!(e, crate::store::StoreError::DiskFull { .. });
+                            ex.internal_error = Some(format!("events writer: {e}"));
+                        }
                     }
                 }
                 Err(e) => ex.internal_error = Some(format!("events writer: {e}")),
