@@ -57,8 +57,14 @@ pub async fn stop(
         rep.message = format!("{agent} is already completed; nothing changed");
         return Ok(rep);
     }
-    let cas = store.tx("stopping the agent", |tx| {
-        sessions::cas(tx, agent, State::Completed, &clock::now())
+    // The mail baseline of the CAS: a turn that was still running then
+    // settles as `stopped` and tells the parent itself, even when it has
+    // released the lease by the time we look (LESSONS 13: one notifier).
+    let (cas, baseline) = store.tx("stopping the agent", |tx| {
+        Ok((
+            sessions::cas(tx, agent, State::Completed, &clock::now())?,
+            mailstore::max_rowid(tx)?,
+        ))
     })?;
     rep.changed = cas.applied();
     let lock = ctx.root.lock_path(agent);
@@ -121,8 +127,10 @@ pub async fn stop(
             "stopped",
         )?;
         let terminal = mailstore::ever_sent_terminal(tx, agent, &terminal_types)?;
+        let told = mailstore::terminal_since(tx, agent, baseline, &["worker_died".into()])?;
         if rep.changed
             && !terminal
+            && !told
             && let Some(parent) = s.parent_agent.as_deref().filter(|p| !p.is_empty())
         {
             let m = worker_died(&Died {
