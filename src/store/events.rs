@@ -27,6 +27,17 @@ pub struct EventRow {
     pub tool_duration_ms: Option<i64>,
     pub data: String,
     pub line_no: Option<i64>,
+    /// On a `tool_end` row: its call's `tool_start` row, which gets the same
+    /// `tool_duration_ms` (overstory's views read it there).
+    pub tool_start: Option<ToolStartRef>,
+}
+
+/// Where a `tool_start` row is: its stdout line, and its place among that
+/// line's `tool_start` rows (a line can start several calls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ToolStartRef {
+    pub line_no: i64,
+    pub nth: u32,
 }
 
 /// What every row of one turn shares.
@@ -49,12 +60,29 @@ pub fn open(root: &Path) -> Result<Connection> {
     let path = root.join("events.db");
     let mut conn = open_conn(&path)?;
     schema::migrate_events(&mut conn, &path)?;
+    // overstory's `CHECK(level IN (...))` is compiled into a temporary
+    // B-tree that SQLite rebuilds for every inserted row: four B-tree
+    // inserts and a clear per event, a quarter of the writer's work
+    // (BENCHMARKS.md). This connection only writes rows whose level
+    // `write_batches` has checked against the same list, so SQLite need not.
+    conn.pragma_update(None, "ignore_check_constraints", true)
+        .ctx("configuring events.db")?;
     Ok(conn)
 }
 
+/// The levels `events.level` allows (overstory's CHECK).
+pub const LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
+
 /// Writes rows directly (small writes: turn_start, turn_end, replays).
 pub fn insert_rows(conn: &mut Connection, tag: &TurnTag, batch: &Batch) -> Result<usize> {
-    immediate(conn, "writing events", |tx| write_batch(tx, tag, batch))
+    immediate(conn, "writing events", |tx| {
+        write_batches(
+            tx,
+            tag,
+            std::slice::from_ref(batch),
+            &mut StartIds::default(),
+        )
+    })
 }
 
 /// Rows per multi-row INSERT: one statement execution (and one
@@ -85,16 +113,60 @@ fn insert_sql(n: usize) -> String {
     sql
 }
 
-fn write_batch(conn: &Connection, tag: &TurnTag, b: &Batch) -> Result<usize> {
-    write_batches(conn, tag, std::slice::from_ref(b))
+/// The ids of a turn's `tool_start` rows not yet matched by their
+/// `tool_end`, so the duration goes to the start row by id. Bounded: past
+/// [`MAX_START_IDS`] it starts over, and a miss is looked up in `events`.
+#[derive(Default)]
+struct StartIds {
+    ids: std::collections::HashMap<ToolStartRef, i64>,
+    /// The last `tool_start` noted (a line's rows may straddle two chunks).
+    prev: Option<ToolStartRef>,
 }
 
-/// Writes every row of `batches`, in order, 64 rows per statement.
-fn write_batches(conn: &Connection, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
+const MAX_START_IDS: usize = 4096;
+
+impl StartIds {
+    /// Notes the `tool_start` rows of a chunk just inserted, whose last row got `last_id`.
+    fn note(&mut self, chunk: &[(&Batch, &EventRow)], last_id: i64) {
+        let first_id = last_id - chunk.len() as i64 + 1;
+        for (k, (_, r)) in chunk.iter().enumerate() {
+            if r.event_type != "tool_start" {
+                continue;
+            }
+            let Some(line_no) = r.line_no else { continue };
+            let nth = match self.prev {
+                Some(p) if p.line_no == line_no => p.nth + 1,
+                _ => 0,
+            };
+            let at = ToolStartRef { line_no, nth };
+            self.prev = Some(at);
+            if self.ids.len() >= MAX_START_IDS {
+                self.ids.clear();
+            }
+            self.ids.insert(at, first_id + k as i64);
+        }
+    }
+}
+
+/// Writes every row of `batches`, in order, 64 rows per statement; then
+/// copies each finished call's duration onto its `tool_start` row.
+fn write_batches(
+    conn: &Connection,
+    tag: &TurnTag,
+    batches: &[Batch],
+    starts: &mut StartIds,
+) -> Result<usize> {
     let all: Vec<(&Batch, &EventRow)> = batches
         .iter()
         .flat_map(|b| b.rows.iter().map(move |r| (b, r)))
         .collect();
+    if let Some((_, bad)) = all.iter().find(|(_, r)| !LEVELS.contains(&r.level)) {
+        let why = format!("event level {:?} is not one of {LEVELS:?}", bad.level);
+        return Err(StoreError::Sqlite {
+            context: "writing events".into(),
+            source: rusqlite::Error::ToSqlConversionFailure(why.into()),
+        });
+    }
     for chunk in all.chunks(CHUNK) {
         let sql = if chunk.len() == CHUNK {
             std::borrow::Cow::Borrowed(FULL_CHUNK_SQL.get_or_init(|| insert_sql(CHUNK)).as_str())
@@ -121,8 +193,37 @@ fn write_batches(conn: &Connection, tag: &TurnTag, batches: &[Batch]) -> Result<
             st.raw_execute().map(|_| ())
         };
         bind(&mut st).ctx("writing events")?;
+        // A multi-row INSERT numbers its rows consecutively (one writer, in
+        // a transaction): the chunk's ids end at the last insert rowid.
+        starts.note(chunk, conn.last_insert_rowid());
+    }
+    for (_, r) in &all {
+        if let (Some(at), Some(ms)) = (r.tool_start, r.tool_duration_ms) {
+            let id = match starts.ids.remove(&at) {
+                Some(id) => Some(id),
+                None => start_id(conn, tag, at)?,
+            };
+            if let Some(id) = id {
+                conn.prepare_cached("UPDATE events SET tool_duration_ms=?1 WHERE id=?2")
+                    .and_then(|mut st| st.execute(params![ms, id]))
+                    .ctx("writing a tool duration")?;
+            }
+        }
     }
     Ok(all.len())
+}
+
+/// The id of a `tool_start` row, looked up (one seek on `idx_events_turn`).
+fn start_id(conn: &Connection, tag: &TurnTag, at: ToolStartRef) -> Result<Option<i64>> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT id FROM events WHERE turn_id=?1 AND line_no=?2 AND event_type='tool_start' ORDER BY id",
+        )
+        .ctx("reading events")?;
+    let mut ids = st
+        .query_map(params![tag.turn_id, at.line_no], |r| r.get::<_, i64>(0))
+        .ctx("reading events")?;
+    ids.nth(at.nth as usize).transpose().ctx("reading events")
 }
 
 /// Handle to the writer thread.
@@ -195,6 +296,7 @@ impl Writer {
 
 fn run_writer(conn: &mut Connection, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
     let mut total = 0u64;
+    let mut starts = StartIds::default();
     let mut pending: Vec<Batch> = Vec::new();
     let mut rows = 0usize;
     let mut due = Instant::now();
@@ -222,7 +324,7 @@ fn run_writer(conn: &mut Connection, tag: TurnTag, rx: Receiver<Batch>) -> Resul
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .ctx("writing events")?;
-            write_batches(&tx, &tag, &pending)?;
+            write_batches(&tx, &tag, &pending, &mut starts)?;
             pending.clear();
             tx.commit().ctx("committing events")?;
             total += rows as u64;
