@@ -331,14 +331,7 @@ impl Parser for ClaudeParser {
             "user" => "user",
             _ => return None,
         };
-        let mut facts = LineFacts {
-            session_id: top
-                .session_id
-                .as_ref()
-                .and_then(Scalar::as_str)
-                .map(str::to_string),
-            ..Default::default()
-        };
+        let mut facts = LineFacts::session(top.session_id.as_ref().and_then(Scalar::as_str));
         let blocks = top.fields.blocks.into_iter().map(BlockFields::into_block);
         if kind == "assistant" {
             self.assistant(blocks, line_no, rows, &mut facts);

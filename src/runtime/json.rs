@@ -122,6 +122,31 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
+/// The scalar `visit_*` methods of a visitor for objects or arrays: every
+/// scalar gives `$out` (`E` is the error type in scope).
+macro_rules! scalars_give {
+    ($value:ty, $out:expr) => {
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<$value, E> {
+            $out
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<$value, E> {
+            $out
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<$value, E> {
+            $out
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<$value, E> {
+            $out
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<$value, E> {
+            $out
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<$value, E> {
+            $out
+        }
+    };
+}
+
 /// The top-level fields a runtime wants from a hot line.
 pub trait Fields<'de>: Default {
     /// Reads the value of `key` from `map` (exactly one `next_value`), or
@@ -194,24 +219,7 @@ impl<'de, F: Fields<'de>> Visitor<'de> for TopSeed<F> {
     }
 
     // Anything but an object: not a line the fast path reads.
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Top<'de, F>, E> {
-        Err(E::custom("not an object"))
-    }
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Top<'de, F>, E> {
-        Err(E::custom("not an object"))
-    }
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Top<'de, F>, E> {
-        Err(E::custom("not an object"))
-    }
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Top<'de, F>, E> {
-        Err(E::custom("not an object"))
-    }
-    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Top<'de, F>, E> {
-        Err(E::custom("not an object"))
-    }
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Top<'de, F>, E> {
-        Err(E::custom("not an object"))
-    }
+    scalars_give!(Top<'de, F>, Err(E::custom("not an object")));
     fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Top<'de, F>, A::Error> {
         Err(A::Error::custom("not an object"))
     }
@@ -239,24 +247,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ArrayOf<T> {
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ArrayOf<T>, A::Error> {
                 ScalarVisitor.visit_map(map).map(|_| ArrayOf(None))
             }
-            fn visit_bool<E>(self, _: bool) -> Result<ArrayOf<T>, E> {
-                Ok(ArrayOf(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<ArrayOf<T>, E> {
-                Ok(ArrayOf(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<ArrayOf<T>, E> {
-                Ok(ArrayOf(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<ArrayOf<T>, E> {
-                Ok(ArrayOf(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<ArrayOf<T>, E> {
-                Ok(ArrayOf(None))
-            }
-            fn visit_unit<E>(self) -> Result<ArrayOf<T>, E> {
-                Ok(ArrayOf(None))
-            }
+            scalars_give!(ArrayOf<T>, Ok(ArrayOf(None)));
         }
         d.deserialize_any(V(std::marker::PhantomData))
     }
@@ -286,24 +277,7 @@ impl<'de, F: Fields<'de>> Deserialize<'de> for ObjectOf<F> {
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<ObjectOf<F>, A::Error> {
                 ScalarVisitor.visit_seq(seq).map(|_| ObjectOf(None))
             }
-            fn visit_bool<E>(self, _: bool) -> Result<ObjectOf<F>, E> {
-                Ok(ObjectOf(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<ObjectOf<F>, E> {
-                Ok(ObjectOf(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<ObjectOf<F>, E> {
-                Ok(ObjectOf(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<ObjectOf<F>, E> {
-                Ok(ObjectOf(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<ObjectOf<F>, E> {
-                Ok(ObjectOf(None))
-            }
-            fn visit_unit<E>(self) -> Result<ObjectOf<F>, E> {
-                Ok(ObjectOf(None))
-            }
+            scalars_give!(ObjectOf<F>, Ok(ObjectOf(None)));
         }
         d.deserialize_any(V(std::marker::PhantomData))
     }

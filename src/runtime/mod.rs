@@ -55,8 +55,13 @@ pub struct ResultInfo {
 impl LineFacts {
     /// Facts with the session id from `obj[key]` (`session_id`; codex `thread_id`).
     pub fn with_session(obj: &Map<String, Value>, key: &str) -> LineFacts {
+        LineFacts::session(str_of(obj, key))
+    }
+
+    /// Facts with this session id (a line's, when it has a string one).
+    pub fn session(id: Option<&str>) -> LineFacts {
         LineFacts {
-            session_id: str_of(obj, key).map(str::to_string),
+            session_id: id.map(str::to_string),
             ..Default::default()
         }
     }

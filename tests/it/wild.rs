@@ -5,9 +5,20 @@
 
 use crate::TestRoot;
 
-/// Registers `name` as a `command` agent running `sh -c SCRIPT` (stdin gets
-/// claude's envelope and is closed).
-fn script_agent(t: &TestRoot, name: &str, script: &str) {
+/// Registers `name` as a `command` agent: a shell script that reads its
+/// stdin (claude's envelope) to EOF, then prints each of `lines` (a line
+/// starting `sleep ` is run instead).
+fn script_agent(t: &TestRoot, name: &str, lines: &[&str]) {
+    let mut script = String::from("cat > /dev/null\n");
+    for l in lines {
+        if l.starts_with("sleep ") {
+            script.push_str(l);
+        } else {
+            assert!(!l.contains('\''), "{l}");
+            script.push_str(&format!("printf '%s\\n' '{l}'"));
+        }
+        script.push('\n');
+    }
     let path = t.path().join(format!("{name}.sh"));
     std::fs::write(&path, script).unwrap();
     let worktree = t.path().display().to_string();
@@ -33,11 +44,11 @@ fn a_lone_surrogate_in_the_result_line_is_read_as_u_fffd() {
     script_agent(
         &t,
         "b1",
-        r#"cat > /dev/null
-printf '%s\n' '{"type":"system","subtype":"init","session_id":"s-sur"}'
-printf '%s\n' '{"type":"assistant","message":{"content":[{"type":"text","text":"half \udc00 a pair"}]},"session_id":"s-sur"}'
-printf '%s\n' '{"type":"result","subtype":"success","is_error":false,"result":"done \ud99c here","session_id":"s-sur"}'
-"#,
+        &[
+            r#"{"type":"system","subtype":"init","session_id":"s-sur"}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"half \udc00 a pair"}]},"session_id":"s-sur"}"#,
+            r#"{"type":"result","subtype":"success","is_error":false,"result":"done \ud99c here","session_id":"s-sur"}"#,
+        ],
     );
     let r = t.run(["turn", "--agent", "b1", "--message", "go", "--json"]);
     r.status(0);
@@ -76,14 +87,14 @@ fn a_tool_duration_is_on_both_the_start_and_the_end_row() {
     script_agent(
         &t,
         "b1",
-        r#"cat > /dev/null
-printf '%s\n' '{"type":"system","subtype":"init","session_id":"s-tool"}'
-printf '%s\n' '{"type":"assistant","message":{"content":[{"type":"text","text":"two calls"},{"type":"tool_use","id":"t1","name":"Bash","input":{"command":"ls"}},{"type":"tool_use","id":"t2","name":"Read","input":{"path":"/x"}}]},"session_id":"s-tool"}'
-sleep 0.3
-printf '%s\n' '{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t2","content":"x"}]},"session_id":"s-tool"}'
-printf '%s\n' '{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t1","content":"ok","is_error":true}]},"session_id":"s-tool"}'
-printf '%s\n' '{"type":"result","subtype":"success","is_error":false,"result":"ok","session_id":"s-tool"}'
-"#,
+        &[
+            r#"{"type":"system","subtype":"init","session_id":"s-tool"}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"two calls"},{"type":"tool_use","id":"t1","name":"Bash","input":{"command":"ls"}},{"type":"tool_use","id":"t2","name":"Read","input":{"path":"/x"}}]},"session_id":"s-tool"}"#,
+            "sleep 0.3",
+            r#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t2","content":"x"}]},"session_id":"s-tool"}"#,
+            r#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t1","content":"ok","is_error":true}]},"session_id":"s-tool"}"#,
+            r#"{"type":"result","subtype":"success","is_error":false,"result":"ok","session_id":"s-tool"}"#,
+        ],
     );
     t.run(["turn", "--agent", "b1", "--message", "go", "--json"])
         .status(0);
