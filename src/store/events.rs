@@ -434,3 +434,99 @@ pub fn count_for_turn(conn: &Connection, turn_id: &str) -> Result<i64> {
     )
     .ctx("counting events")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag() -> TurnTag {
+        TurnTag {
+            run_id: None,
+            agent_name: "a".into(),
+            turn_id: "t".into(),
+        }
+    }
+
+    fn row(event_type: &'static str, line_no: i64) -> EventRow {
+        EventRow {
+            event_type,
+            level: "info",
+            data: "{}".into(),
+            line_no: Some(line_no),
+            ..Default::default()
+        }
+    }
+
+    fn end(line_no: i64, start: ToolStartRef, ms: i64) -> EventRow {
+        EventRow {
+            tool_duration_ms: Some(ms),
+            tool_start: Some(start),
+            ..row("tool_end", line_no)
+        }
+    }
+
+    fn batch(rows: Vec<EventRow>) -> Batch {
+        Batch {
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            session_id: None,
+            rows,
+        }
+    }
+
+    /// Line 64 starts two calls whose rows straddle the 64-row chunk
+    /// boundary; their ends arrive in reverse order.
+    fn starts_and_ends() -> (Batch, Batch) {
+        let mut first: Vec<EventRow> = (1..=63).map(|l| row("progress", l)).collect();
+        first.push(row("tool_start", 64));
+        first.push(row("tool_start", 64));
+        let at = |nth| ToolStartRef { line_no: 64, nth };
+        let second = vec![end(65, at(1), 5), end(66, at(0), 7)];
+        (batch(first), batch(second))
+    }
+
+    fn durations(conn: &Connection) -> Vec<(String, Option<i64>)> {
+        let mut st = conn
+            .prepare("SELECT event_type, tool_duration_ms FROM events WHERE event_type LIKE 'tool_%' ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn durations_reach_their_start_rows_by_id_and_by_lookup() {
+        let want = vec![
+            ("tool_start".to_string(), Some(7)),
+            ("tool_start".to_string(), Some(5)),
+            ("tool_end".to_string(), Some(5)),
+            ("tool_end".to_string(), Some(7)),
+        ];
+        // The writer's path: ids noted as the rows go in.
+        let d = tempfile::tempdir().unwrap();
+        let mut conn = open(d.path()).unwrap();
+        let (a, b) = starts_and_ends();
+        let tx = conn.transaction().unwrap();
+        write_batches(&tx, &tag(), &[a, b], &mut StartIds::default()).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(durations(&conn), want);
+        // Separate transactions without the noted ids (sweep replays): looked up.
+        let d = tempfile::tempdir().unwrap();
+        let mut conn = open(d.path()).unwrap();
+        let (a, b) = starts_and_ends();
+        insert_rows(&mut conn, &tag(), &a).unwrap();
+        insert_rows(&mut conn, &tag(), &b).unwrap();
+        assert_eq!(durations(&conn), want);
+    }
+
+    #[test]
+    fn a_level_outside_the_check_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut conn = open(d.path()).unwrap();
+        let mut bad = row("custom", 1);
+        bad.level = "loud";
+        let e = insert_rows(&mut conn, &tag(), &batch(vec![bad])).unwrap_err();
+        assert!(e.to_string().contains("loud"), "{e}");
+        assert_eq!(count_for_turn(&conn, "t").unwrap(), 0);
+    }
+}
