@@ -6,7 +6,9 @@
 //! and a flood is written in transactions of about 512 rows. A full channel
 //! slows the sender; nothing is dropped. Each stdout line's rows arrive in
 //! one batch, so a line is either wholly in `events` or not at all — the
-//! sweep relies on `line_no` to replay exactly the missing lines.
+//! sweep relies on `line_no` to replay exactly the missing lines. A
+//! `tool_end` row's duration is also written onto its call's `tool_start`
+//! row (found by the id noted at insert, or looked up by `line_no`).
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
