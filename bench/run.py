@@ -5,7 +5,7 @@
     python3 bench/run.py ingest --runs 7     # one figure
     python3 bench/run.py all --no-build --bin target/release/runner --json out.json
 
-Subcommands: env overhead ingest memory watchdog sweep serve all.
+Subcommands: env overhead ingest memory watchdog sweep serve callgrind all.
 
 Every figure is a median over several runs, and each run measures the figure
 and its baseline back to back (alternating which goes first), because the
@@ -352,6 +352,55 @@ def gen_stream(n):
             subprocess.run(fake("--lines", n, "--line-bytes", LINE_BYTES, "--tool-every", TOOL_EVERY,
                                 "--session-id", "bench-session"), input=ENVELOPE, stdout=f, check=True)
     return path
+
+
+CG_LINES = 12_000  # text lines of the callgrind turn: 14,402 stdout lines
+
+
+def callgrind_ir(argv, out):
+    """Instructions (Ir) of one process and all its threads under callgrind
+    (the agent it spawns runs natively: --trace-children=no)."""
+    sh(["valgrind", "--tool=callgrind", "--trace-children=no", f"--callgrind-out-file={out}", *argv])
+    for line in open(out):
+        if line.startswith("totals:") or line.startswith("summary:"):
+            return int(line.split()[1])
+    raise SystemExit(f"no totals in {out}")
+
+
+def bench_callgrind(runs):
+    """Instructions per ingested line, repeatable on a noisy machine: callgrind
+    counts every instruction of the runner (all threads) for a `cat` turn of
+    the Claude-like NDJSON (CG_LINES text lines, tool pairs every 10, init,
+    result) and for a `cat` turn of the same generator with --lines 0 (init +
+    result only); per line = the difference / the extra lines. Also the
+    instructions of a whole `--lines 0` turn (fake agent), first and later."""
+    if shutil.which("valgrind") is None:
+        log("callgrind: valgrind not installed; skipped")
+        return
+    big, small = gen_stream(CG_LINES), gen_stream(0)
+    nlines = sum(1 for _ in open(big, "rb"))
+    s = {k: [] for k in ("per_line", "turn_first", "turn_later", "version")}
+    for i in range(runs):
+        irs = {}
+        for tag, stream in (("big", big), ("small", small)):
+            root = new_root(f"cg{tag}")
+            add_agent(root, "a1", ["cat", stream])
+            irs[tag] = callgrind_ir(turn_argv(root, "a1", "--stall", "60s"), Path(WORK) / f"cg-{tag}-{i}.out")
+            assert turn_row(root)["lines"] == (nlines if tag == "big" else 2), turn_row(root)
+            rm(root)
+        s["per_line"].append((irs["big"] - irs["small"]) / (nlines - 2))
+        root = new_root("cgturn")
+        add_agent(root, "a1", fake("--lines", 0), capability="lead")
+        s["turn_first"].append(callgrind_ir(turn_argv(root, "a1", "--stall", "60s"), Path(WORK) / f"cg-t1-{i}.out"))
+        s["turn_later"].append(callgrind_ir(turn_argv(root, "a1", "--stall", "60s"), Path(WORK) / f"cg-t2-{i}.out"))
+        rm(root)
+        s["version"].append(callgrind_ir(runner("--version"), Path(WORK) / f"cg-v-{i}.out"))
+    RAW["callgrind"] = s
+    result("instructions per ingested line (callgrind, `cat` turn)", f"{med(s['per_line']):,.0f} Ir/line", "Ir",
+           f"{nlines:,}-line turn minus a 2-line turn", "-", None, f"{runs} runs: {[round(x) for x in s['per_line']]}")
+    result("instructions of a `--lines 0` turn (callgrind)", f"{med(s['turn_first']) / 1e6:.1f} M Ir first, "
+           f"{med(s['turn_later']) / 1e6:.1f} M Ir later", "Ir", f"runner --version: {med(s['version']) / 1e6:.1f} M Ir",
+           "-", None, "runner process only, all threads")
 
 
 def bench_ingest(runs):
@@ -722,6 +771,7 @@ FIGURES = {
     "watchdog": (bench_watchdog, 7),
     "sweep": (bench_sweep, 5),
     "serve": (bench_serve, 5),
+    "callgrind": (bench_callgrind, 1),
 }
 
 

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::progress::Progress;
-use crate::runtime::{LineFacts, Parser, ResultInfo};
+use crate::runtime::{Line, LineFacts, Parser, ResultInfo};
 use crate::store::events::{Batch, EventRow};
 
 /// Longest `data` value stored in `events` (SPEC §2.2).
@@ -201,12 +201,35 @@ impl Live {
     }
 }
 
-/// Turns one framed line into rows and facts. Pure apart from the parser's state.
+/// Turns one framed line into rows and facts. Pure apart from the parser's
+/// state. The parser's fast path reads the hot lines; any other line, and
+/// any line the fast path declines, takes the full path (a `Value`).
 pub fn process_line(
     frame: Frame<'_>,
     line_no: i64,
     parser: &mut dyn Parser,
     rows: &mut Vec<EventRow>,
+) -> Option<LineFacts> {
+    read_line(frame, line_no, parser, rows, true)
+}
+
+/// [`process_line`] without the fast path: the reference the fast path is
+/// proven against (tests/it/props.rs).
+pub fn process_line_full(
+    frame: Frame<'_>,
+    line_no: i64,
+    parser: &mut dyn Parser,
+    rows: &mut Vec<EventRow>,
+) -> Option<LineFacts> {
+    read_line(frame, line_no, parser, rows, false)
+}
+
+fn read_line(
+    frame: Frame<'_>,
+    line_no: i64,
+    parser: &mut dyn Parser,
+    rows: &mut Vec<EventRow>,
+    fast: bool,
 ) -> Option<LineFacts> {
     let raw = match frame {
         Frame::Oversize(bytes) => {
@@ -244,23 +267,69 @@ pub fn process_line(
     let Ok(text) = std::str::from_utf8(raw) else {
         return malformed(rows);
     };
-    let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(text) else {
-        return malformed(rows);
+    let start = rows.len();
+    if fast && let Some(hot) = parser.fast_line(text, line_no, rows) {
+        return Some(finish_rows(
+            hot.facts,
+            text,
+            hot.kind,
+            line_no,
+            &mut rows[start..],
+        ));
+    }
+    // A lone surrogate escape fails serde_json but not JSON.parse (SPEC
+    // §6.4): only then, read the line again with those escapes as U+FFFD.
+    let repaired;
+    let (text, obj) = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(obj)) => (text, obj),
+        Ok(_) => return malformed(rows),
+        Err(_) => match crate::runtime::json::repair_lone_surrogates(text) {
+            Some(fixed) => match serde_json::from_str::<Value>(&fixed) {
+                Ok(Value::Object(obj)) => {
+                    repaired = fixed;
+                    (repaired.as_str(), obj)
+                }
+                _ => return malformed(rows),
+            },
+            None => return malformed(rows),
+        },
     };
     let Some(kind) = obj.get("type").and_then(Value::as_str) else {
         return malformed(rows);
     };
-    let start = rows.len();
-    let mut facts = parser.line(kind, &obj, rows);
+    let line = Line {
+        kind,
+        obj: &obj,
+        line_no,
+    };
+    let facts = parser.line(&line, rows);
+    Some(finish_rows(facts, text, kind, line_no, &mut rows[start..]))
+}
+
+/// Gives a valid line's rows their line number and the line as `data`.
+fn finish_rows(
+    mut facts: LineFacts,
+    text: &str,
+    kind: &str,
+    line_no: i64,
+    rows: &mut [EventRow],
+) -> LineFacts {
     facts.valid = true;
-    let data = bounded_data(text, kind);
-    for r in &mut rows[start..] {
+    let mut wanting = rows.iter().filter(|r| r.data.is_empty()).count();
+    let mut data = (wanting > 0).then(|| bounded_data(text, kind));
+    for r in rows {
         r.line_no = Some(line_no);
         if r.data.is_empty() {
-            r.data = data.clone();
+            wanting -= 1;
+            // The last row takes the line itself; earlier ones a copy.
+            r.data = if wanting == 0 {
+                data.take().unwrap_or_default()
+            } else {
+                data.clone().unwrap_or_default()
+            };
         }
     }
-    Some(facts)
+    facts
 }
 
 /// The line as `data`, or a marked cut when it is over [`MAX_DATA`].

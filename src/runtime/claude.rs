@@ -7,16 +7,17 @@
 //! `is_error` (never the subtype) is the verdict. The stream mapping here is
 //! also the `command` runtime's.
 
-use std::collections::HashMap;
-use std::time::Instant;
+use std::borrow::Cow;
 
+use serde::de::MapAccess;
 use serde_json::{Map, Value, json};
 
+use super::json::{self, ArrayOf, Fields, ObjectOf, Scalar};
 use super::{
-    Graceful, LineFacts, Parser, ResultInfo, Runtime, SpawnSpec, StdinPolicy, TurnInput, cut, row,
-    str_of,
+    FastLine, Graceful, Line, LineFacts, Parser, ResultInfo, Runtime, SpawnSpec, StdinPolicy,
+    ToolCalls, TurnInput, cut, row, str_of, tool_end_row, tool_start_row,
 };
-use crate::store::events::EventRow;
+use crate::store::events::{EventRow, ToolStartRef};
 
 pub struct Claude;
 
@@ -125,42 +126,150 @@ impl Runtime for Claude {
 /// Claude stream-json → events (the table of SPEC §8).
 #[derive(Default)]
 pub struct ClaudeParser {
-    /// tool_use id → (name, started, declared timeout ms)
-    tools: HashMap<String, (String, Instant, Option<u64>)>,
+    tools: ToolCalls,
     result: ResultInfo,
 }
 
-impl ClaudeParser {
-    fn allowance(&self) -> u64 {
-        self.tools
-            .values()
-            .filter_map(|(_, _, t)| *t)
-            .max()
-            .map(|t| t + TOOL_SLACK_MS)
-            .unwrap_or(0)
+/// One block of `message.content`, as the mapping reads it.
+#[derive(Debug, PartialEq)]
+enum Block<'a> {
+    /// A text block; true when its `text` is a string.
+    Text(bool),
+    Thinking,
+    ToolUse {
+        id: Option<Cow<'a, str>>,
+        name: Cow<'a, str>,
+        input: Value,
+    },
+    ToolResult {
+        tool_use_id: Option<Cow<'a, str>>,
+        is_error: bool,
+    },
+    Other,
+}
+
+impl<'a> Block<'a> {
+    /// The full path: a block of a `Value` line.
+    fn of_value(b: &'a Value) -> Block<'a> {
+        let s = |k: &str| b.get(k).and_then(Value::as_str).map(Cow::Borrowed);
+        match b.get("type").and_then(Value::as_str) {
+            Some("text") => Block::Text(b.get("text").is_some_and(Value::is_string)),
+            Some("thinking") | Some("redacted_thinking") => Block::Thinking,
+            Some("tool_use") => Block::ToolUse {
+                id: s("id"),
+                name: s("name").unwrap_or_default(),
+                input: b.get("input").cloned().unwrap_or(Value::Null),
+            },
+            Some("tool_result") => Block::ToolResult {
+                tool_use_id: s("tool_use_id"),
+                is_error: b.get("is_error").and_then(Value::as_bool).unwrap_or(false),
+            },
+            _ => Block::Other,
+        }
     }
 }
 
-fn content_blocks(obj: &Map<String, Value>) -> &[Value] {
+fn content_blocks(obj: &Map<String, Value>) -> impl Iterator<Item = Block<'_>> {
     obj.get("message")
         .and_then(|m| m.get("content"))
         .and_then(Value::as_array)
         .map(Vec::as_slice)
         .unwrap_or(&[])
+        .iter()
+        .map(Block::of_value)
+}
+
+impl ClaudeParser {
+    fn allowance(&self) -> u64 {
+        self.tools.allowance(TOOL_SLACK_MS)
+    }
+
+    /// `assistant`: progress for text, custom/debug for thinking, one
+    /// tool_start per tool_use; custom when none of these.
+    fn assistant<'b>(
+        &mut self,
+        blocks: impl Iterator<Item = Block<'b>>,
+        line_no: i64,
+        rows: &mut Vec<EventRow>,
+        facts: &mut LineFacts,
+    ) {
+        let mut text = false;
+        let mut thinking = false;
+        let mut tool_rows = Vec::new();
+        for b in blocks {
+            match b {
+                Block::Text(is_text) => text |= is_text,
+                Block::Thinking => thinking = true,
+                Block::ToolUse { id, name, input } => {
+                    let declared = if name == "Bash" {
+                        input.get("timeout").and_then(Value::as_u64)
+                    } else {
+                        None
+                    };
+                    if let Some(id) = id {
+                        let at = ToolStartRef {
+                            line_no,
+                            nth: tool_rows.len() as u32,
+                        };
+                        self.tools.start(&id, &name, declared, at);
+                    }
+                    tool_rows.push(tool_start_row(
+                        name.into_owned(),
+                        cut(&input.to_string(), 4096),
+                    ));
+                }
+                Block::ToolResult { .. } | Block::Other => {}
+            }
+        }
+        if text {
+            rows.push(row("progress", "info"));
+        }
+        if thinking {
+            rows.push(row("custom", "debug"));
+        }
+        let had_tools = !tool_rows.is_empty();
+        rows.extend(tool_rows);
+        if !text && !thinking && !had_tools {
+            rows.push(row("custom", "info"));
+        }
+        if had_tools {
+            facts.tool_allowance_ms = Some(self.allowance());
+        }
+    }
+
+    /// `user`: one tool_end per tool_result; custom when there is none.
+    fn user<'b>(
+        &mut self,
+        blocks: impl Iterator<Item = Block<'b>>,
+        rows: &mut Vec<EventRow>,
+        facts: &mut LineFacts,
+    ) {
+        let mut any = false;
+        for b in blocks {
+            let Block::ToolResult {
+                tool_use_id,
+                is_error,
+            } = b
+            else {
+                continue;
+            };
+            any = true;
+            let call = tool_use_id.and_then(|id| self.tools.finish(&id));
+            rows.push(tool_end_row(if is_error { "warn" } else { "info" }, call));
+        }
+        if any {
+            facts.tool_allowance_ms = Some(self.allowance());
+        } else {
+            rows.push(row("custom", "info"));
+        }
+    }
 }
 
 impl Parser for ClaudeParser {
-    fn line(
-        &mut self,
-        kind: &str,
-        obj: &Map<String, Value>,
-        rows: &mut Vec<EventRow>,
-    ) -> LineFacts {
-        let mut facts = LineFacts {
-            session_id: str_of(obj, "session_id").map(str::to_string),
-            ..Default::default()
-        };
-        match kind {
+    fn line(&mut self, line: &Line<'_>, rows: &mut Vec<EventRow>) -> LineFacts {
+        let obj = line.obj;
+        let mut facts = LineFacts::with_session(obj, "session_id");
+        match line.kind {
             "system" => match str_of(obj, "subtype") {
                 Some("init") => rows.push(row("session_start", "info")),
                 Some("api_retry") => {
@@ -169,80 +278,8 @@ impl Parser for ClaudeParser {
                 }
                 _ => rows.push(row("custom", "info")),
             },
-            "assistant" => {
-                let mut texts: Vec<&str> = Vec::new();
-                let mut thinking = false;
-                let mut tool_rows = Vec::new();
-                for b in content_blocks(obj) {
-                    match b.get("type").and_then(Value::as_str) {
-                        Some("text") => texts.extend(b.get("text").and_then(Value::as_str)),
-                        Some("thinking") | Some("redacted_thinking") => thinking = true,
-                        Some("tool_use") => {
-                            let name = b
-                                .get("name")
-                                .and_then(Value::as_str)
-                                .unwrap_or("")
-                                .to_string();
-                            let input = b.get("input").cloned().unwrap_or(Value::Null);
-                            let declared = if name == "Bash" {
-                                input.get("timeout").and_then(Value::as_u64)
-                            } else {
-                                None
-                            };
-                            if let Some(id) = b.get("id").and_then(Value::as_str) {
-                                self.tools.insert(
-                                    id.to_string(),
-                                    (name.clone(), Instant::now(), declared),
-                                );
-                            }
-                            let mut r = row("tool_start", "info");
-                            r.tool_name = Some(name);
-                            r.tool_args = Some(cut(&input.to_string(), 4096));
-                            tool_rows.push(r);
-                        }
-                        _ => {}
-                    }
-                }
-                if !texts.is_empty() {
-                    rows.push(row("progress", "info"));
-                }
-                if thinking {
-                    rows.push(row("custom", "debug"));
-                }
-                let had_tools = !tool_rows.is_empty();
-                rows.extend(tool_rows);
-                if texts.is_empty() && !thinking && !had_tools {
-                    rows.push(row("custom", "info"));
-                }
-                if had_tools {
-                    facts.tool_allowance_ms = Some(self.allowance());
-                }
-            }
-            "user" => {
-                let mut any = false;
-                for b in content_blocks(obj) {
-                    if b.get("type").and_then(Value::as_str) != Some("tool_result") {
-                        continue;
-                    }
-                    any = true;
-                    let is_error = b.get("is_error").and_then(Value::as_bool).unwrap_or(false);
-                    let mut r = row("tool_end", if is_error { "warn" } else { "info" });
-                    if let Some((name, started, _)) = b
-                        .get("tool_use_id")
-                        .and_then(Value::as_str)
-                        .and_then(|id| self.tools.remove(id))
-                    {
-                        r.tool_name = Some(name);
-                        r.tool_duration_ms = Some(started.elapsed().as_millis() as i64);
-                    }
-                    rows.push(r);
-                }
-                if any {
-                    facts.tool_allowance_ms = Some(self.allowance());
-                } else {
-                    rows.push(row("custom", "info"));
-                }
-            }
+            "assistant" => self.assistant(content_blocks(obj), line.line_no, rows, &mut facts),
+            "user" => self.user(content_blocks(obj), rows, &mut facts),
             "result" => {
                 let is_error = obj.get("is_error").and_then(Value::as_bool).unwrap_or(true);
                 rows.push(row("result", if is_error { "error" } else { "info" }));
@@ -280,8 +317,120 @@ impl Parser for ClaudeParser {
         facts
     }
 
+    /// The hot lines — `assistant` and `user` — read without a `Value`
+    /// tree: only `type`, `session_id` and `message.content` blocks.
+    fn fast_line(
+        &mut self,
+        text: &str,
+        line_no: i64,
+        rows: &mut Vec<EventRow>,
+    ) -> Option<FastLine> {
+        let top = json::read_line::<Hot>(text, "session_id").ok()?;
+        let kind = match top.kind.as_ref().and_then(Scalar::as_str)? {
+            "assistant" => "assistant",
+            "user" => "user",
+            _ => return None,
+        };
+        let mut facts = LineFacts::session(top.session_id.as_ref().and_then(Scalar::as_str));
+        let blocks = top.fields.blocks.into_iter().map(BlockFields::into_block);
+        if kind == "assistant" {
+            self.assistant(blocks, line_no, rows, &mut facts);
+        } else {
+            self.user(blocks, rows, &mut facts);
+        }
+        Some(FastLine { facts, kind })
+    }
+
     fn result(&self) -> ResultInfo {
         self.result.clone()
+    }
+}
+
+/// The fast reader's view of a line: the blocks of `message.content` when
+/// it is an array inside an object (else none, like [`content_blocks`]).
+#[derive(Default)]
+struct Hot<'a> {
+    blocks: Vec<Option<BlockFields<'a>>>,
+}
+
+#[derive(Default)]
+struct MessageFields<'a> {
+    content: Option<Vec<Option<BlockFields<'a>>>>,
+}
+
+/// The fields of one content block the mapping reads (the last of a
+/// duplicated key wins, as in `Value`).
+#[derive(Default)]
+struct BlockFields<'a> {
+    kind: Option<Scalar<'a>>,
+    text: Option<Scalar<'a>>,
+    id: Option<Scalar<'a>>,
+    name: Option<Scalar<'a>>,
+    input: Option<Value>,
+    tool_use_id: Option<Scalar<'a>>,
+    is_error: Option<Scalar<'a>>,
+}
+
+impl<'a> BlockFields<'a> {
+    /// The same decision as [`Block::of_value`]; `None` is a block that is not an object.
+    fn into_block(b: Option<BlockFields<'a>>) -> Block<'a> {
+        let Some(b) = b else { return Block::Other };
+        match b.kind.as_ref().and_then(Scalar::as_str) {
+            Some("text") => Block::Text(b.text.as_ref().is_some_and(|t| t.as_str().is_some())),
+            Some("thinking") | Some("redacted_thinking") => Block::Thinking,
+            Some("tool_use") => Block::ToolUse {
+                id: b.id.and_then(Scalar::into_str),
+                name: b.name.and_then(Scalar::into_str).unwrap_or_default(),
+                input: b.input.unwrap_or(Value::Null),
+            },
+            Some("tool_result") => Block::ToolResult {
+                tool_use_id: b.tool_use_id.and_then(Scalar::into_str),
+                is_error: b.is_error.and_then(|e| e.as_bool()).unwrap_or(false),
+            },
+            _ => Block::Other,
+        }
+    }
+}
+
+impl<'de> Fields<'de> for Hot<'de> {
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
+        if key != "message" {
+            return Ok(false);
+        }
+        let message: ObjectOf<MessageFields<'de>> = map.next_value()?;
+        self.blocks = message.0.and_then(|m| m.content).unwrap_or_default();
+        Ok(true)
+    }
+}
+
+impl<'de> Fields<'de> for MessageFields<'de> {
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
+        if key != "content" {
+            return Ok(false);
+        }
+        let content: ArrayOf<ObjectOf<BlockFields<'de>>> = map.next_value()?;
+        self.content = content.0.map(|v| v.into_iter().map(|b| b.0).collect());
+        Ok(true)
+    }
+}
+
+impl<'de> Fields<'de> for BlockFields<'de> {
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
+        let slot = match key {
+            "input" => {
+                self.input = Some(map.next_value()?);
+                return Ok(true);
+            }
+            "type" => &mut self.kind,
+            "text" => &mut self.text,
+            "id" => &mut self.id,
+            "name" => &mut self.name,
+            "tool_use_id" => &mut self.tool_use_id,
+            "is_error" => &mut self.is_error,
+            _ => return Ok(false),
+        };
+        *slot = Some(map.next_value()?);
+        Ok(true)
     }
 }
 

@@ -11,24 +11,19 @@
 //! kept here as reported: the turn code stores the per-turn difference.
 //! Graceful stop is SIGINT.
 
-use std::collections::HashMap;
-use std::time::Instant;
-
 use serde_json::{Map, Value};
 
 use super::{
-    Graceful, LineFacts, Parser, ResultInfo, Runtime, SpawnSpec, StdinPolicy, TurnInput, cut, row,
-    str_of,
+    Graceful, Line, LineFacts, Parser, ResultInfo, Runtime, SpawnSpec, StdinPolicy, ToolCalls,
+    TurnInput, cut, row, str_of, tool_end_row, tool_start_row,
 };
 use crate::os::Sig;
-use crate::store::events::EventRow;
+use crate::store::events::{EventRow, ToolStartRef};
 
 pub struct Codex;
 
 /// Longest `tool_args` and `result_text` kept.
 const MAX_TEXT: usize = 4096;
-/// Most items remembered as in flight (bounded state).
-const MAX_IN_FLIGHT: usize = 1024;
 
 impl Runtime for Codex {
     fn cumulative_usage(&self) -> bool {
@@ -97,8 +92,8 @@ impl Runtime for Codex {
 /// Codex JSONL → events.
 #[derive(Default)]
 pub struct CodexParser {
-    /// item id → (tool name, started)
-    tools: HashMap<String, (String, Instant)>,
+    /// Tool items in flight, by item id.
+    tools: ToolCalls,
     /// The text of the last `agent_message` (cut).
     last_message: Option<String>,
     result: ResultInfo,
@@ -138,32 +133,31 @@ fn tool_failed(item: &Map<String, Value>) -> bool {
 }
 
 impl CodexParser {
-    fn item(&mut self, kind: &str, item: &Map<String, Value>, rows: &mut Vec<EventRow>) {
+    fn item(
+        &mut self,
+        kind: &str,
+        item: &Map<String, Value>,
+        line_no: i64,
+        rows: &mut Vec<EventRow>,
+    ) {
         let id = str_of(item, "id").unwrap_or("");
         let item_type = str_of(item, "type").unwrap_or("");
         if let Some((name, args)) = tool_of(item) {
             match kind {
                 "item.started" => {
-                    if self.tools.len() < MAX_IN_FLIGHT {
-                        self.tools
-                            .insert(id.to_string(), (name.clone(), Instant::now()));
-                    }
-                    let mut r = row("tool_start", "info");
-                    r.tool_name = Some(name);
-                    r.tool_args = Some(args);
-                    rows.push(r);
+                    self.tools
+                        .start(id, &name, None, ToolStartRef { line_no, nth: 0 });
+                    rows.push(tool_start_row(name, args));
                 }
                 "item.completed" => {
-                    let mut r = row("tool_end", if tool_failed(item) { "warn" } else { "info" });
-                    match self.tools.remove(id) {
-                        Some((name, started)) => {
-                            r.tool_name = Some(name);
-                            r.tool_duration_ms = Some(started.elapsed().as_millis() as i64);
-                        }
-                        None => {
-                            r.tool_name = Some(name);
-                            r.tool_args = Some(args);
-                        }
+                    let level = if tool_failed(item) { "warn" } else { "info" };
+                    let call = self.tools.finish(id);
+                    let seen = call.is_some();
+                    let mut r = tool_end_row(level, call);
+                    if !seen {
+                        // No item.started seen: the end row says what the call was.
+                        r.tool_name = Some(name);
+                        r.tool_args = Some(args);
                     }
                     rows.push(r);
                 }
@@ -184,21 +178,14 @@ impl CodexParser {
 }
 
 impl Parser for CodexParser {
-    fn line(
-        &mut self,
-        kind: &str,
-        obj: &Map<String, Value>,
-        rows: &mut Vec<EventRow>,
-    ) -> LineFacts {
-        let mut facts = LineFacts {
-            session_id: str_of(obj, "thread_id").map(str::to_string),
-            ..Default::default()
-        };
+    fn line(&mut self, line: &Line<'_>, rows: &mut Vec<EventRow>) -> LineFacts {
+        let (kind, obj) = (line.kind, line.obj);
+        let mut facts = LineFacts::with_session(obj, "thread_id");
         match kind {
             "thread.started" => rows.push(row("session_start", "info")),
             "item.started" | "item.updated" | "item.completed" => {
                 match obj.get("item").and_then(Value::as_object) {
-                    Some(item) => self.item(kind, item, rows),
+                    Some(item) => self.item(kind, item, line.line_no, rows),
                     None => rows.push(row("custom", "info")),
                 }
             }
@@ -414,13 +401,13 @@ mod tests {
     #[test]
     fn in_flight_tools_are_bounded() {
         let mut p = CodexParser::default();
-        for i in 0..MAX_IN_FLIGHT + 10 {
+        for i in 0..crate::runtime::MAX_IN_FLIGHT + 10 {
             let line = format!(
                 r#"{{"type":"item.started","item":{{"id":"i{i}","type":"command_execution","command":"c"}}}}"#
             );
             parse(&mut p, &line);
         }
-        assert_eq!(p.tools.len(), MAX_IN_FLIGHT);
+        assert_eq!(p.tools.len(), crate::runtime::MAX_IN_FLIGHT);
         parse(&mut p, r#"{"type":"turn.completed"}"#);
         assert!(p.tools.is_empty());
     }

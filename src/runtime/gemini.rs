@@ -9,23 +9,18 @@
 //! turn, clean iff `status` is `success`. There is no graceful stop, and an
 //! unknown resume shows only as exit code 42 with a line on stderr.
 
-use std::collections::HashMap;
-use std::time::Instant;
-
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{
-    Graceful, LineFacts, Parser, ResultInfo, Runtime, SpawnSpec, StdinPolicy, TurnInput, cut, row,
-    str_of,
+    Graceful, Line, LineFacts, Parser, ResultInfo, Runtime, SpawnSpec, StdinPolicy, ToolCalls,
+    TurnInput, cut, row, str_of, tool_end_row, tool_start_row,
 };
-use crate::store::events::EventRow;
+use crate::store::events::{EventRow, ToolStartRef};
 
 pub struct Gemini;
 
 /// Longest `tool_args` and `result_text` kept.
 const MAX_TEXT: usize = 4096;
-/// Most tool calls remembered as in flight (bounded state).
-const MAX_IN_FLIGHT: usize = 1024;
 /// Gemini's exit code for an input error, which is what an unknown resume gives.
 const EXIT_INPUT_ERROR: i32 = 42;
 
@@ -103,8 +98,8 @@ impl Runtime for Gemini {
 /// Gemini stream-json → events.
 #[derive(Default)]
 pub struct GeminiParser {
-    /// tool_id → (tool name, started)
-    tools: HashMap<String, (String, Instant)>,
+    /// Tool calls in flight, by tool_id.
+    tools: ToolCalls,
     /// The assistant deltas so far, joined (cut).
     text: String,
     result: ResultInfo,
@@ -120,17 +115,10 @@ impl GeminiParser {
 }
 
 impl Parser for GeminiParser {
-    fn line(
-        &mut self,
-        kind: &str,
-        obj: &Map<String, Value>,
-        rows: &mut Vec<EventRow>,
-    ) -> LineFacts {
-        let mut facts = LineFacts {
-            session_id: str_of(obj, "session_id").map(str::to_string),
-            ..Default::default()
-        };
-        match kind {
+    fn line(&mut self, line: &Line<'_>, rows: &mut Vec<EventRow>) -> LineFacts {
+        let obj = line.obj;
+        let mut facts = LineFacts::with_session(obj, "session_id");
+        match line.kind {
             "init" => rows.push(row("session_start", "info")),
             "message" => match str_of(obj, "role") {
                 Some("assistant") => {
@@ -144,28 +132,20 @@ impl Parser for GeminiParser {
             },
             "tool_use" => {
                 let name = str_of(obj, "tool_name").unwrap_or("").to_string();
-                if let Some(id) = str_of(obj, "tool_id")
-                    && self.tools.len() < MAX_IN_FLIGHT
-                {
-                    self.tools
-                        .insert(id.to_string(), (name.clone(), Instant::now()));
+                if let Some(id) = str_of(obj, "tool_id") {
+                    let at = ToolStartRef {
+                        line_no: line.line_no,
+                        nth: 0,
+                    };
+                    self.tools.start(id, &name, None, at);
                 }
                 let params = obj.get("parameters").cloned().unwrap_or(Value::Null);
-                let mut r = row("tool_start", "info");
-                r.tool_name = Some(name);
-                r.tool_args = Some(cut(&params.to_string(), MAX_TEXT));
-                rows.push(r);
+                rows.push(tool_start_row(name, cut(&params.to_string(), MAX_TEXT)));
             }
             "tool_result" => {
                 let failed = str_of(obj, "status") != Some("success");
-                let mut r = row("tool_end", if failed { "warn" } else { "info" });
-                if let Some((name, started)) =
-                    str_of(obj, "tool_id").and_then(|id| self.tools.remove(id))
-                {
-                    r.tool_name = Some(name);
-                    r.tool_duration_ms = Some(started.elapsed().as_millis() as i64);
-                }
-                rows.push(r);
+                let call = str_of(obj, "tool_id").and_then(|id| self.tools.finish(id));
+                rows.push(tool_end_row(if failed { "warn" } else { "info" }, call));
             }
             "error" => match str_of(obj, "severity") {
                 Some("warning") => rows.push(row("custom", "warn")),
@@ -308,11 +288,11 @@ mod tests {
             parse(&mut p, &chunk);
         }
         assert!(p.text.len() <= MAX_TEXT && p.text.len() >= MAX_TEXT - 1);
-        for i in 0..MAX_IN_FLIGHT + 10 {
+        for i in 0..crate::runtime::MAX_IN_FLIGHT + 10 {
             let line = format!(r#"{{"type":"tool_use","tool_name":"n","tool_id":"t{i}"}}"#);
             parse(&mut p, &line);
         }
-        assert_eq!(p.tools.len(), MAX_IN_FLIGHT);
+        assert_eq!(p.tools.len(), crate::runtime::MAX_IN_FLIGHT);
         let (_, f) = parse(&mut p, r#"{"type":"result","status":"success"}"#);
         assert_eq!(f.end_of_turn, Some(true));
         assert!(p.tools.is_empty());

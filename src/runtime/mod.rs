@@ -11,17 +11,19 @@ pub mod claude;
 pub mod codex;
 pub mod command;
 pub mod gemini;
+pub mod json;
 #[cfg(test)]
 pub(crate) mod testkit;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
 
 use serde_json::{Map, Value};
 
 use crate::capability::Capability;
 use crate::config::Config;
 use crate::os::Sig;
-use crate::store::events::EventRow;
+use crate::store::events::{EventRow, ToolStartRef};
 use crate::store::sessions::Session;
 
 /// What one line told us, beyond its rows.
@@ -50,13 +52,152 @@ pub struct ResultInfo {
     pub result_text: Option<String>,
 }
 
+impl LineFacts {
+    /// Facts with the session id from `obj[key]` (`session_id`; codex `thread_id`).
+    pub fn with_session(obj: &Map<String, Value>, key: &str) -> LineFacts {
+        LineFacts::session(str_of(obj, key))
+    }
+
+    /// Facts with this session id (a line's, when it has a string one).
+    pub fn session(id: Option<&str>) -> LineFacts {
+        LineFacts {
+            session_id: id.map(str::to_string),
+            ..Default::default()
+        }
+    }
+}
+
+/// One line that parsed as a JSON object with a string `type`.
+pub struct Line<'a> {
+    pub kind: &'a str,
+    pub obj: &'a Map<String, Value>,
+    /// Its stdout line number (what `events.line_no` gets).
+    pub line_no: i64,
+}
+
+/// What the fast path made of a line.
+pub struct FastLine {
+    pub facts: LineFacts,
+    /// The line's `type` (one of the runtime's hot types).
+    pub kind: &'static str,
+}
+
 /// Maps lines of one turn to event rows. Rows with an empty `data` get the
 /// line itself (bounded) as data.
+///
+/// Two ways in, one mapping: [`Parser::line`] is the full path (any line,
+/// read as a `serde_json::Value`); [`Parser::fast_line`] reads the hot line
+/// types straight from the text ([`json`]) and must give exactly the rows,
+/// facts and state changes `line` gives (proven on every capture and by
+/// property tests, `tests/it/props.rs`).
 pub trait Parser: Send {
-    fn line(&mut self, kind: &str, obj: &Map<String, Value>, rows: &mut Vec<EventRow>)
-    -> LineFacts;
+    fn line(&mut self, line: &Line<'_>, rows: &mut Vec<EventRow>) -> LineFacts;
+    /// `None`: not a hot line, or not one the fast reader can vouch for; the
+    /// parser and `rows` are then untouched and the caller takes the full path.
+    fn fast_line(
+        &mut self,
+        _text: &str,
+        _line_no: i64,
+        _rows: &mut Vec<EventRow>,
+    ) -> Option<FastLine> {
+        None
+    }
     /// The result of the turn so far (called after an end-of-turn line).
     fn result(&self) -> ResultInfo;
+}
+
+/// Most tool calls remembered as in flight (bounded state).
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// The tool calls of a turn still in flight, by the CLI's call id: what a
+/// `tool_end` row takes from its `tool_start` (name, duration, where the
+/// start row is), and the stall allowance of declared timeouts.
+#[derive(Default)]
+pub struct ToolCalls {
+    calls: HashMap<String, Call>,
+}
+
+struct Call {
+    name: String,
+    started: Instant,
+    declared_ms: Option<u64>,
+    start: ToolStartRef,
+}
+
+/// A call that just finished.
+pub struct Finished {
+    pub name: String,
+    pub duration_ms: i64,
+    pub start: ToolStartRef,
+}
+
+impl ToolCalls {
+    /// Remembers a call (ignored once [`MAX_IN_FLIGHT`] are in flight).
+    pub fn start(&mut self, id: &str, name: &str, declared_ms: Option<u64>, start: ToolStartRef) {
+        if self.calls.len() < MAX_IN_FLIGHT {
+            self.calls.insert(
+                id.to_string(),
+                Call {
+                    name: name.to_string(),
+                    started: Instant::now(),
+                    declared_ms,
+                    start,
+                },
+            );
+        }
+    }
+
+    pub fn finish(&mut self, id: &str) -> Option<Finished> {
+        self.calls.remove(id).map(|c| Finished {
+            name: c.name,
+            duration_ms: c.started.elapsed().as_millis() as i64,
+            start: c.start,
+        })
+    }
+
+    pub fn clear(&mut self) {
+        self.calls.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// The longest declared timeout in flight plus `slack`, 0 when none.
+    pub fn allowance(&self, slack: u64) -> u64 {
+        self.calls
+            .values()
+            .filter_map(|c| c.declared_ms)
+            .max()
+            .map(|t| t + slack)
+            .unwrap_or(0)
+    }
+}
+
+/// A `tool_start` row.
+pub fn tool_start_row(name: String, args: String) -> EventRow {
+    EventRow {
+        tool_name: Some(name),
+        tool_args: Some(args),
+        ..row("tool_start", "info")
+    }
+}
+
+/// A `tool_end` row; with its call's name and duration when the start was
+/// seen, and where that start row is, so the writer sets the duration there
+/// too (SPEC §8).
+pub fn tool_end_row(level: &'static str, call: Option<Finished>) -> EventRow {
+    let mut r = row("tool_end", level);
+    if let Some(c) = call {
+        r.tool_name = Some(c.name);
+        r.tool_duration_ms = Some(c.duration_ms);
+        r.tool_start = Some(c.start);
+    }
+    r
 }
 
 /// How stdin is handled after the user turn is written.

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use super::{LineFacts, Parser};
+use super::{Line, LineFacts, Parser};
 use crate::capability::{Capability, OnIdle};
 use crate::store::events::EventRow;
 use crate::store::sessions::Session;
@@ -12,7 +12,12 @@ pub fn parse(p: &mut dyn Parser, line: &str) -> (Vec<EventRow>, LineFacts) {
     let v: Value = serde_json::from_str(line).unwrap();
     let obj = v.as_object().unwrap();
     let mut rows = Vec::new();
-    let f = p.line(obj["type"].as_str().unwrap(), obj, &mut rows);
+    let line = Line {
+        kind: obj["type"].as_str().unwrap(),
+        obj,
+        line_no: 1,
+    };
+    let f = p.line(&line, &mut rows);
     (rows, f)
 }
 

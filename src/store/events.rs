@@ -6,7 +6,9 @@
 //! and a flood is written in transactions of about 512 rows. A full channel
 //! slows the sender; nothing is dropped. Each stdout line's rows arrive in
 //! one batch, so a line is either wholly in `events` or not at all — the
-//! sweep relies on `line_no` to replay exactly the missing lines.
+//! sweep relies on `line_no` to replay exactly the missing lines. A
+//! `tool_end` row's duration is also written onto its call's `tool_start`
+//! row (found by the id noted at insert, or looked up by `line_no`).
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
@@ -27,6 +29,17 @@ pub struct EventRow {
     pub tool_duration_ms: Option<i64>,
     pub data: String,
     pub line_no: Option<i64>,
+    /// On a `tool_end` row: its call's `tool_start` row, which gets the same
+    /// `tool_duration_ms` (overstory's views read it there).
+    pub tool_start: Option<ToolStartRef>,
+}
+
+/// Where a `tool_start` row is: its stdout line, and its place among that
+/// line's `tool_start` rows (a line can start several calls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ToolStartRef {
+    pub line_no: i64,
+    pub nth: u32,
 }
 
 /// What every row of one turn shares.
@@ -49,34 +62,55 @@ pub fn open(root: &Path) -> Result<Connection> {
     let path = root.join("events.db");
     let mut conn = open_conn(&path)?;
     schema::migrate_events(&mut conn, &path)?;
+    // overstory's `CHECK(level IN (...))` is compiled into a temporary
+    // B-tree that SQLite rebuilds for every inserted row: four B-tree
+    // inserts and a clear per event, a quarter of the writer's work
+    // (BENCHMARKS.md). This connection only writes rows whose level
+    // `write_batches` has checked against the same list, so SQLite need not.
+    conn.pragma_update(None, "ignore_check_constraints", true)
+        .ctx("configuring events.db")?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
 
+/// The levels `events.level` allows (overstory's CHECK).
+pub const LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
+
 /// Writes rows directly (small writes: turn_start, turn_end, replays).
 pub fn insert_rows(conn: &mut Connection, tag: &TurnTag, batch: &Batch) -> Result<usize> {
-    immediate(conn, "writing events", |tx| write_batch(tx, tag, batch))
+    immediate(conn, "writing events", |tx| {
+        write_batches(
+            tx,
+            tag,
+            std::slice::from_ref(batch),
+            &mut StartIds::default(),
+        )
+    })
 }
 
 /// Rows per multi-row INSERT: one statement execution (and one
 /// AUTOINCREMENT bookkeeping step) per chunk instead of per row.
 const CHUNK: usize = 64;
+/// Values shared by every row of a chunk: the turn's (run_id, agent_name,
+/// turn_id) and the batch's (session_id, created_at).
+const SHARED: usize = 5;
 /// Values bound per row.
-const PER_ROW: usize = 9;
-static FULL_CHUNK_SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+const PER_ROW: usize = 7;
 
-/// `INSERT … VALUES (…), (…)` for `n` rows. ?1–?3 are shared (run_id,
-/// agent_name, turn_id); each row has nine of its own.
+/// `INSERT … VALUES (…), (…)` for `n` rows of one batch: ?1–?5 shared,
+/// seven of each row's own after them. Binding the shared ones once per
+/// chunk instead of per row saves two text copies per row.
 fn insert_sql(n: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO events (run_id, agent_name, turn_id, session_id, created_at, event_type, tool_name, \
          tool_args, tool_duration_ms, level, data, line_no) VALUES ",
     );
     for r in 0..n {
-        let b = 4 + r * PER_ROW;
+        let b = SHARED + 1 + r * PER_ROW;
         if r > 0 {
             sql.push(',');
         }
-        sql.push_str("(?1,?2,?3");
+        sql.push_str("(?1,?2,?3,?4,?5");
         for k in 0..PER_ROW {
             sql.push_str(&format!(",?{}", b + k));
         }
@@ -85,44 +119,126 @@ fn insert_sql(n: usize) -> String {
     sql
 }
 
-fn write_batch(conn: &Connection, tag: &TurnTag, b: &Batch) -> Result<usize> {
-    write_batches(conn, tag, std::slice::from_ref(b))
+/// The statement for `n` (1..=[`CHUNK`]) rows, built on first use.
+fn chunk_sql(n: usize) -> &'static str {
+    static SQL: [std::sync::OnceLock<String>; CHUNK + 1] =
+        [const { std::sync::OnceLock::new() }; CHUNK + 1];
+    SQL[n].get_or_init(|| insert_sql(n))
 }
 
-/// Writes every row of `batches`, in order, 64 rows per statement.
-fn write_batches(conn: &Connection, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
-    let all: Vec<(&Batch, &EventRow)> = batches
-        .iter()
-        .flat_map(|b| b.rows.iter().map(move |r| (b, r)))
-        .collect();
-    for chunk in all.chunks(CHUNK) {
-        let sql = if chunk.len() == CHUNK {
-            std::borrow::Cow::Borrowed(FULL_CHUNK_SQL.get_or_init(|| insert_sql(CHUNK)).as_str())
-        } else {
-            std::borrow::Cow::Owned(insert_sql(chunk.len()))
-        };
-        let mut st = conn.prepare_cached(&sql).ctx("writing events")?;
-        let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
-            st.raw_bind_parameter(1, &tag.run_id)?;
-            st.raw_bind_parameter(2, &tag.agent_name)?;
-            st.raw_bind_parameter(3, &tag.turn_id)?;
-            for (k, (b, r)) in chunk.iter().enumerate() {
-                let at = 4 + k * PER_ROW;
-                st.raw_bind_parameter(at, &b.session_id)?;
-                st.raw_bind_parameter(at + 1, &b.created_at)?;
-                st.raw_bind_parameter(at + 2, r.event_type)?;
-                st.raw_bind_parameter(at + 3, &r.tool_name)?;
-                st.raw_bind_parameter(at + 4, &r.tool_args)?;
-                st.raw_bind_parameter(at + 5, r.tool_duration_ms)?;
-                st.raw_bind_parameter(at + 6, r.level)?;
-                st.raw_bind_parameter(at + 7, &r.data)?;
-                st.raw_bind_parameter(at + 8, r.line_no)?;
+/// Statements kept prepared on an events connection: the 64 chunk sizes
+/// and a few more, so a tail chunk is never prepared twice in a turn.
+pub const STATEMENT_CACHE: usize = CHUNK + 16;
+
+/// The ids of a turn's `tool_start` rows not yet matched by their
+/// `tool_end`, so the duration goes to the start row by id. Bounded: past
+/// [`MAX_START_IDS`] it starts over, and a miss is looked up in `events`.
+#[derive(Default)]
+struct StartIds {
+    ids: std::collections::HashMap<ToolStartRef, i64>,
+    /// The last `tool_start` noted (a line's rows may straddle two chunks).
+    prev: Option<ToolStartRef>,
+}
+
+const MAX_START_IDS: usize = 4096;
+
+impl StartIds {
+    /// Notes the `tool_start` rows of a chunk just inserted, whose last row got `last_id`.
+    fn note(&mut self, chunk: &[EventRow], last_id: i64) {
+        let first_id = last_id - chunk.len() as i64 + 1;
+        for (k, r) in chunk.iter().enumerate() {
+            if r.event_type != "tool_start" {
+                continue;
             }
-            st.raw_execute().map(|_| ())
-        };
-        bind(&mut st).ctx("writing events")?;
+            let Some(line_no) = r.line_no else { continue };
+            let nth = match self.prev {
+                Some(p) if p.line_no == line_no => p.nth + 1,
+                _ => 0,
+            };
+            let at = ToolStartRef { line_no, nth };
+            self.prev = Some(at);
+            if self.ids.len() >= MAX_START_IDS {
+                self.ids.clear();
+            }
+            self.ids.insert(at, first_id + k as i64);
+        }
     }
-    Ok(all.len())
+}
+
+/// Writes every row of `batches`, in order, 64 rows per statement; then
+/// copies each finished call's duration onto its `tool_start` row.
+fn write_batches(
+    conn: &Connection,
+    tag: &TurnTag,
+    batches: &[Batch],
+    starts: &mut StartIds,
+) -> Result<usize> {
+    let all = || batches.iter().flat_map(|b| b.rows.iter());
+    if let Some(bad) = all().find(|r| !LEVELS.contains(&r.level)) {
+        let why = format!("event level {:?} is not one of {LEVELS:?}", bad.level);
+        return Err(StoreError::Sqlite {
+            context: "writing events".into(),
+            source: rusqlite::Error::ToSqlConversionFailure(why.into()),
+        });
+    }
+    for b in batches {
+        for chunk in b.rows.chunks(CHUNK) {
+            let mut st = conn
+                .prepare_cached(chunk_sql(chunk.len()))
+                .ctx("writing events")?;
+            let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
+                st.raw_bind_parameter(1, &tag.run_id)?;
+                st.raw_bind_parameter(2, &tag.agent_name)?;
+                st.raw_bind_parameter(3, &tag.turn_id)?;
+                st.raw_bind_parameter(4, &b.session_id)?;
+                st.raw_bind_parameter(5, &b.created_at)?;
+                for (k, r) in chunk.iter().enumerate() {
+                    let at = SHARED + 1 + k * PER_ROW;
+                    st.raw_bind_parameter(at, r.event_type)?;
+                    st.raw_bind_parameter(at + 1, &r.tool_name)?;
+                    st.raw_bind_parameter(at + 2, &r.tool_args)?;
+                    st.raw_bind_parameter(at + 3, r.tool_duration_ms)?;
+                    st.raw_bind_parameter(at + 4, r.level)?;
+                    st.raw_bind_parameter(at + 5, &r.data)?;
+                    st.raw_bind_parameter(at + 6, r.line_no)?;
+                }
+                st.raw_execute().map(|_| ())
+            };
+            bind(&mut st).ctx("writing events")?;
+            // A multi-row INSERT numbers its rows consecutively (one writer,
+            // in a transaction): the chunk's ids end at the last insert rowid.
+            starts.note(chunk, conn.last_insert_rowid());
+        }
+    }
+    let mut written = 0;
+    for r in all() {
+        written += 1;
+        if let (Some(at), Some(ms)) = (r.tool_start, r.tool_duration_ms) {
+            let id = match starts.ids.remove(&at) {
+                Some(id) => Some(id),
+                None => start_id(conn, tag, at)?,
+            };
+            if let Some(id) = id {
+                conn.prepare_cached("UPDATE events SET tool_duration_ms=?1 WHERE id=?2")
+                    .and_then(|mut st| st.execute(params![ms, id]))
+                    .ctx("writing a tool duration")?;
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// The id of a `tool_start` row, looked up (one seek on `idx_events_turn`).
+fn start_id(conn: &Connection, tag: &TurnTag, at: ToolStartRef) -> Result<Option<i64>> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT id FROM events WHERE turn_id=?1 AND line_no=?2 AND event_type='tool_start' ORDER BY id",
+        )
+        .ctx("reading events")?;
+    let mut ids = st
+        .query_map(params![tag.turn_id, at.line_no], |r| r.get::<_, i64>(0))
+        .ctx("reading events")?;
+    ids.nth(at.nth as usize).transpose().ctx("reading events")
 }
 
 /// Handle to the writer thread.
@@ -195,6 +311,7 @@ impl Writer {
 
 fn run_writer(conn: &mut Connection, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
     let mut total = 0u64;
+    let mut starts = StartIds::default();
     let mut pending: Vec<Batch> = Vec::new();
     let mut rows = 0usize;
     let mut due = Instant::now();
@@ -222,7 +339,7 @@ fn run_writer(conn: &mut Connection, tag: TurnTag, rx: Receiver<Batch>) -> Resul
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .ctx("writing events")?;
-            write_batches(&tx, &tag, &pending)?;
+            write_batches(&tx, &tag, &pending, &mut starts)?;
             pending.clear();
             tx.commit().ctx("committing events")?;
             total += rows as u64;
@@ -318,4 +435,100 @@ pub fn count_for_turn(conn: &Connection, turn_id: &str) -> Result<i64> {
         |r| r.get(0),
     )
     .ctx("counting events")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag() -> TurnTag {
+        TurnTag {
+            run_id: None,
+            agent_name: "a".into(),
+            turn_id: "t".into(),
+        }
+    }
+
+    fn row(event_type: &'static str, line_no: i64) -> EventRow {
+        EventRow {
+            event_type,
+            level: "info",
+            data: "{}".into(),
+            line_no: Some(line_no),
+            ..Default::default()
+        }
+    }
+
+    fn end(line_no: i64, start: ToolStartRef, ms: i64) -> EventRow {
+        EventRow {
+            tool_duration_ms: Some(ms),
+            tool_start: Some(start),
+            ..row("tool_end", line_no)
+        }
+    }
+
+    fn batch(rows: Vec<EventRow>) -> Batch {
+        Batch {
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            session_id: None,
+            rows,
+        }
+    }
+
+    /// Line 64 starts two calls whose rows straddle the 64-row chunk
+    /// boundary; their ends arrive in reverse order.
+    fn starts_and_ends() -> (Batch, Batch) {
+        let mut first: Vec<EventRow> = (1..=63).map(|l| row("progress", l)).collect();
+        first.push(row("tool_start", 64));
+        first.push(row("tool_start", 64));
+        let at = |nth| ToolStartRef { line_no: 64, nth };
+        let second = vec![end(65, at(1), 5), end(66, at(0), 7)];
+        (batch(first), batch(second))
+    }
+
+    fn durations(conn: &Connection) -> Vec<(String, Option<i64>)> {
+        let mut st = conn
+            .prepare("SELECT event_type, tool_duration_ms FROM events WHERE event_type LIKE 'tool_%' ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn durations_reach_their_start_rows_by_id_and_by_lookup() {
+        let want = vec![
+            ("tool_start".to_string(), Some(7)),
+            ("tool_start".to_string(), Some(5)),
+            ("tool_end".to_string(), Some(5)),
+            ("tool_end".to_string(), Some(7)),
+        ];
+        // The writer's path: ids noted as the rows go in.
+        let d = tempfile::tempdir().unwrap();
+        let mut conn = open(d.path()).unwrap();
+        let (a, b) = starts_and_ends();
+        let tx = conn.transaction().unwrap();
+        write_batches(&tx, &tag(), &[a, b], &mut StartIds::default()).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(durations(&conn), want);
+        // Separate transactions without the noted ids (sweep replays): looked up.
+        let d = tempfile::tempdir().unwrap();
+        let mut conn = open(d.path()).unwrap();
+        let (a, b) = starts_and_ends();
+        insert_rows(&mut conn, &tag(), &a).unwrap();
+        insert_rows(&mut conn, &tag(), &b).unwrap();
+        assert_eq!(durations(&conn), want);
+    }
+
+    #[test]
+    fn a_level_outside_the_check_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut conn = open(d.path()).unwrap();
+        let mut bad = row("custom", 1);
+        bad.level = "loud";
+        let e = insert_rows(&mut conn, &tag(), &batch(vec![bad])).unwrap_err();
+        assert!(e.to_string().contains("loud"), "{e}");
+        assert_eq!(count_for_turn(&conn, "t").unwrap(), 0);
+    }
 }

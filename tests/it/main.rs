@@ -12,6 +12,7 @@ mod props;
 mod reliability;
 mod sweep;
 mod turn;
+mod wild;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use runner::runtime::{self, Parser};
 use runner::state::{Cas, State, can_transition};
 use runner::store::events::EventRow;
-use runner::stream::{Frame, Framer, process_line};
+use runner::stream::{Frame, Framer, process_line, process_line_full};
 
 /// A reference split: what the framer must produce for the whole input.
 fn reference(input: &[u8], max: usize) -> Vec<Result<Vec<u8>, u64>> {
@@ -158,6 +158,326 @@ proptest! {
                 prop_assert!(rows.iter().all(|r| r.tool_args.as_ref().is_none_or(|a| a.len() <= 4096)));
             }
             let _ = p.result();
+        }
+    }
+}
+
+/// JSON text with what `serde_json::Value` cannot hold: duplicate keys,
+/// escaped keys, lone surrogates, out-of-range numbers.
+#[derive(Debug, Clone)]
+enum Node {
+    Raw(&'static str),
+    Str(String),
+    Arr(Vec<Node>),
+    Obj(Vec<(String, Node)>),
+}
+
+impl Node {
+    fn render(&self, out: &mut String) {
+        match self {
+            Node::Raw(r) => out.push_str(r),
+            Node::Str(s) => {
+                out.push('"');
+                out.push_str(s);
+                out.push('"');
+            }
+            Node::Arr(items) => {
+                out.push('[');
+                for (i, n) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    n.render(out);
+                }
+                out.push(']');
+            }
+            Node::Obj(fields) => {
+                out.push('{');
+                for (i, (k, n)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    out.push('"');
+                    out.push_str(k);
+                    out.push_str("\":");
+                    n.render(out);
+                }
+                out.push('}');
+            }
+        }
+    }
+}
+
+/// String contents as they appear between the quotes (already escaped).
+fn raw_string() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("text".to_string()),
+        Just("tool_use".to_string()),
+        Just("tool_result".to_string()),
+        Just("thinking".to_string()),
+        Just("redacted_thinking".to_string()),
+        Just("Bash".to_string()),
+        Just("t1".to_string()),
+        Just("t2".to_string()),
+        Just("a\\nb \\\"q\\\" \\u00e9".to_string()),
+        Just("\\ud83d\\ude00".to_string()),
+        Just("lone \\ud99c".to_string()),
+        Just("t\\u0031".to_string()),
+        "[a-z ]{0,8}",
+    ]
+}
+
+fn node() -> impl Strategy<Value = Node> {
+    let leaf = prop_oneof![
+        Just(Node::Raw("null")),
+        Just(Node::Raw("true")),
+        Just(Node::Raw("false")),
+        Just(Node::Raw("0")),
+        Just(Node::Raw("60000")),
+        Just(Node::Raw("-7")),
+        Just(Node::Raw("2.5")),
+        Just(Node::Raw("1e400")),
+        Just(Node::Raw("18446744073709551616")),
+        raw_string().prop_map(Node::Str),
+    ];
+    let key = prop_oneof![
+        Just("type".to_string()),
+        Just("typ\\u0065".to_string()),
+        Just("text".to_string()),
+        Just("id".to_string()),
+        Just("name".to_string()),
+        Just("input".to_string()),
+        Just("timeout".to_string()),
+        Just("tool_use_id".to_string()),
+        Just("is_error".to_string()),
+        Just("content".to_string()),
+        Just("message".to_string()),
+        Just("session_id".to_string()),
+        "[a-z]{1,4}",
+    ];
+    leaf.prop_recursive(5, 64, 6, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Node::Arr),
+            prop::collection::vec((key.clone(), inner), 0..6).prop_map(Node::Obj),
+        ]
+    })
+}
+
+/// A content block shaped like claude's (sometimes not).
+fn block() -> impl Strategy<Value = Node> {
+    let kind = prop_oneof![
+        Just("text"),
+        Just("tool_use"),
+        Just("tool_result"),
+        Just("thinking"),
+        Just("redacted_thinking"),
+        Just("image"),
+    ];
+    let id = prop_oneof![Just("t1"), Just("t2"), Just("t3")];
+    (
+        kind,
+        id,
+        node(),
+        node(),
+        any::<bool>(),
+        any::<bool>(),
+        0u8..4,
+    )
+        .prop_map(|(kind, id, a, b, is_error, dup, shape)| {
+            let mut f = vec![("type".to_string(), Node::Str(kind.into()))];
+            match kind {
+                "text" => f.push((
+                    "text".into(),
+                    if shape == 0 {
+                        a
+                    } else {
+                        Node::Str("hi".into())
+                    },
+                )),
+                "tool_use" => {
+                    f.push(("id".into(), Node::Str(id.into())));
+                    f.push((
+                        "name".into(),
+                        Node::Str(if shape < 2 {
+                            "Bash".into()
+                        } else {
+                            "Read".into()
+                        }),
+                    ));
+                    let timeout = Node::Obj(vec![
+                        ("command".into(), Node::Str("ls".into())),
+                        ("timeout".into(), Node::Raw("60000")),
+                    ]);
+                    f.push(("input".into(), if shape == 3 { a } else { timeout }));
+                }
+                "tool_result" => {
+                    f.push(("tool_use_id".into(), Node::Str(id.into())));
+                    f.push((
+                        "is_error".into(),
+                        Node::Raw(if is_error { "true" } else { "false" }),
+                    ));
+                    f.push(("content".into(), a));
+                }
+                _ => f.push(("x".into(), a)),
+            }
+            if dup {
+                // a later duplicate of some key wins, as in Value
+                let k = f[(shape as usize) % f.len()].0.clone();
+                f.push((k, b));
+            }
+            if shape == 1 {
+                f.reverse();
+            }
+            Node::Obj(f)
+        })
+}
+
+/// A claude-like line: mostly hot `assistant`/`user` lines, some odd ones.
+fn claude_line() -> impl Strategy<Value = String> {
+    let kind = prop_oneof![
+        4 => Just("assistant"),
+        4 => Just("user"),
+        1 => Just("result"),
+        1 => Just("system"),
+        1 => Just("stream_event"),
+    ];
+    (
+        kind,
+        prop::collection::vec(block(), 0..4),
+        node(),
+        0u8..8,
+        any::<bool>(),
+    )
+        .prop_map(|(kind, blocks, odd, shape, session_first)| {
+            let content = match shape {
+                0 => odd.clone(),
+                _ => Node::Arr(blocks),
+            };
+            let message = match shape {
+                1 => odd,
+                _ => Node::Obj(vec![
+                    ("role".into(), Node::Str("x".into())),
+                    ("content".into(), content),
+                ]),
+            };
+            let mut f = vec![
+                ("type".to_string(), Node::Str(kind.into())),
+                ("message".into(), message),
+                ("session_id".into(), Node::Str("s1".into())),
+            ];
+            if session_first {
+                f.rotate_left(1);
+            }
+            match shape {
+                2 => f.push(("type".into(), Node::Raw("5"))),
+                3 => f.push(("typ\\u0065".into(), Node::Str("user".into()))),
+                4 => f.push(("message".into(), Node::Raw("null"))),
+                _ => {}
+            }
+            let mut out = String::new();
+            Node::Obj(f).render(&mut out);
+            if shape == 5 {
+                out.push_str(" x"); // trailing garbage
+            }
+            out
+        })
+}
+
+/// Rows as the two paths must agree on them (a duration is a clock reading:
+/// only its presence is compared).
+fn comparable(rows: &[EventRow]) -> Vec<EventRow> {
+    rows.iter()
+        .map(|r| EventRow {
+            tool_duration_ms: r.tool_duration_ms.map(|_| 0),
+            ..r.clone()
+        })
+        .collect()
+}
+
+/// Runs `lines` through the fast and the full path, each with its own
+/// parser of `runtime`, and asserts the same rows, facts and result.
+fn assert_paths_agree(runtime: &str, lines: &[&[u8]]) -> Result<(), TestCaseError> {
+    let fresh = || -> Box<dyn Parser> {
+        match runtime {
+            "claude" => Box::new(runtime::claude::ClaudeParser::default()),
+            "codex" => runtime::Runtime::parser(&runtime::codex::Codex),
+            _ => runtime::Runtime::parser(&runtime::gemini::Gemini),
+        }
+    };
+    let (mut fast, mut full) = (fresh(), fresh());
+    for (i, line) in lines.iter().enumerate() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let fa = process_line(Frame::Line(line), i as i64 + 1, fast.as_mut(), &mut a);
+        let fb = process_line_full(Frame::Line(line), i as i64 + 1, full.as_mut(), &mut b);
+        let shown = String::from_utf8_lossy(line);
+        prop_assert_eq!(fa, fb, "facts of {}", shown);
+        prop_assert_eq!(comparable(&a), comparable(&b), "rows of {}", shown);
+    }
+    prop_assert_eq!(fast.result(), full.result());
+    Ok(())
+}
+
+/// Every capture and stream fixture, through every parser: the fast path
+/// gives what the full path gives.
+#[test]
+fn fast_path_equals_full_path_on_every_fixture() {
+    let mut files = Vec::new();
+    for dir in ["fixtures/captures", "fixtures/streams"] {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("stdout" | "ndjson")
+            ) {
+                files.push(p);
+            }
+        }
+    }
+    assert!(files.len() >= 20, "{files:?}");
+    let mut fast_lines = 0;
+    for p in files {
+        let text = std::fs::read(&p).unwrap();
+        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        // Not vacuous: claude's hot lines do take the fast path.
+        let mut probe = runtime::claude::ClaudeParser::default();
+        for l in &lines {
+            let text = std::str::from_utf8(l).unwrap_or("");
+            if probe.fast_line(text, 1, &mut Vec::new()).is_some() {
+                fast_lines += 1;
+            }
+        }
+        for rt in ["claude", "codex", "gemini"] {
+            assert_paths_agree(rt, &lines).unwrap_or_else(|e| panic!("{}: {rt}: {e}", p.display()));
+        }
+    }
+    assert!(
+        fast_lines >= 5,
+        "only {fast_lines} fixture lines took the fast path"
+    );
+}
+
+proptest! {
+    /// Claude-like lines (hot shapes, duplicate and escaped keys, lone
+    /// surrogates, out-of-range numbers, odd nesting): same rows, facts,
+    /// tool bookkeeping and result on both paths, line after line.
+    #[test]
+    fn fast_path_equals_full_path_on_claude_like_lines(lines in prop::collection::vec(claude_line(), 1..8)) {
+        let bytes: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+        for rt in ["claude", "codex", "gemini"] {
+            assert_paths_agree(rt, &bytes)?;
+        }
+    }
+
+    /// Arbitrary objects of every known type and arbitrary bytes agree too.
+    #[test]
+    fn fast_path_equals_full_path_on_any_line(kind in prop::sample::select(TYPES.to_vec()), body in json_value(), junk in prop::collection::vec(any::<u8>(), 0..40)) {
+        let mut obj = match body { serde_json::Value::Object(m) => m, other => { let mut m = serde_json::Map::new(); m.insert("v".into(), other); m } };
+        obj.insert("type".into(), serde_json::Value::from(kind));
+        let line = serde_json::Value::Object(obj).to_string();
+        let mut cut = line.as_bytes().to_vec();
+        cut.truncate(junk.len() % (line.len() + 1) + line.len() / 2);
+        for rt in ["claude", "codex", "gemini"] {
+            assert_paths_agree(rt, &[line.as_bytes(), &junk, &cut])?;
         }
     }
 }
