@@ -163,6 +163,14 @@ async fn run(cli: Cli) -> Result<i32> {
                 max_concurrent: s.max_concurrent.unwrap_or(cfg.serve_max_concurrent).max(1),
                 grace: s.grace.unwrap_or(cfg.grace),
                 stall: s.stall,
+                counters: crate::web::metrics::ServeCounters::default(),
+            };
+            // Dropped (and so stopped) when serve returns.
+            let _web = match s.http.as_ref().or(cfg.serve_http.as_ref()) {
+                Some(addr) => {
+                    Some(crate::web::start(&ctx, addr, Some(opts.counters.clone())).await?)
+                }
+                None => None,
             };
             let signals = serve::signal_counter();
             let r = serve::serve(Arc::new(ctx.clone()), opts, signals).await?;
@@ -174,6 +182,15 @@ async fn run(cli: Cli) -> Result<i32> {
                     r.turns, r.sweeps, r.interrupted
                 );
             }
+        }
+        Command::Web(w) => {
+            let addr = w
+                .http
+                .or_else(|| ctx.config.serve_http.clone())
+                .unwrap_or_else(|| "127.0.0.1:8080".into());
+            let _web = crate::web::start(&ctx, &addr, None).await?;
+            let mut signals = serve::signal_counter();
+            let _ = signals.changed().await;
         }
         Command::Sweep(s) => {
             let c = ctx.clone();

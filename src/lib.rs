@@ -31,3 +31,4 @@ pub mod stream;
 pub mod sweep;
 pub mod turn;
 pub mod watchdog;
+pub mod web;

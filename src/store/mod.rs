@@ -14,6 +14,7 @@ pub mod mail;
 pub mod schema;
 pub mod sessions;
 pub mod turns;
+pub mod views;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
