@@ -169,8 +169,7 @@ fn dur(src: &str, key: &str, v: &str) -> Result<Duration, ConfigError> {
 /// characters from a set that needs no escaping in any of them.
 fn check_token(src: &str, key: &str, v: &str) -> Result<String, ConfigError> {
     let ok = v.len() >= 16
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'));
     if ok {
         Ok(v.to_string())
@@ -446,11 +445,15 @@ mod tests {
         let c = Config::from_parts(Some(file), "c", &vars(&[])).unwrap();
         assert_eq!(c.serve_http.as_deref(), Some("127.0.0.1:9000"));
         assert_eq!(c.http_token.as_deref(), Some("abcdefghijklmnop"));
-        let e = Config::from_parts(Some("[http]\ntoken = \"short\"\n"), "c", &vars(&[]))
-            .unwrap_err();
+        let e =
+            Config::from_parts(Some("[http]\ntoken = \"short\"\n"), "c", &vars(&[])).unwrap_err();
         assert!(e.to_string().contains("http.token"), "{e}");
-        let e = Config::from_parts(None, "c", &vars(&[("RUNNER_HTTP_TOKEN", "has space in it!!")]))
-            .unwrap_err();
+        let e = Config::from_parts(
+            None,
+            "c",
+            &vars(&[("RUNNER_HTTP_TOKEN", "has space in it!!")]),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("RUNNER_HTTP_TOKEN"), "{e}");
         assert_eq!(Config::default().serve_http, None);
     }

@@ -21,7 +21,9 @@ use super::turns::TurnRow;
 use super::{BUSY_TIMEOUT, Ctx, Result, StoreError, classify};
 
 /// Upper bounds (seconds) of the turn-duration histogram's buckets.
-pub const DURATION_BUCKETS: [f64; 10] = [1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0];
+pub const DURATION_BUCKETS: [f64; 10] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+];
 
 /// A classic histogram: per-bucket counts (not cumulative) for
 /// [`DURATION_BUCKETS`], the sum and the count of observations.
@@ -82,6 +84,7 @@ pub struct AgentView {
 pub struct LastEvent {
     pub event_type: String,
     pub tool_name: Option<String>,
+    pub tool_args: Option<String>,
     pub data: Option<String>,
 }
 
@@ -133,7 +136,8 @@ impl SqliteViews {
             .map_err(|e| classify("opening sessions.db read-only", Some(&main), e))?;
         conn.busy_timeout(BUSY_TIMEOUT)
             .ctx("setting busy_timeout")?;
-        conn.execute_batch("PRAGMA query_only=1").ctx("setting query_only")?;
+        conn.execute_batch("PRAGMA query_only=1")
+            .ctx("setting query_only")?;
         for (file, alias) in [("mail.db", "mail"), ("events.db", "ev")] {
             let path = self.root.join(file);
             if !path.exists() {
@@ -173,7 +177,8 @@ fn count_pairs(conn: &Connection, sql: &str, what: &str) -> Result<Vec<(String, 
     let rows = st
         .query_map([], |r| {
             Ok((
-                r.get::<_, Option<String>>(0)?.unwrap_or_else(|| "unknown".into()),
+                r.get::<_, Option<String>>(0)?
+                    .unwrap_or_else(|| "unknown".into()),
                 r.get::<_, i64>(1)?.max(0) as u64,
             ))
         })
@@ -327,7 +332,7 @@ impl FleetViews for SqliteViews {
             .ctx("listing agents")?;
         let mut last = conn
             .prepare_cached(
-                "SELECT event_type, tool_name, data FROM ev.events WHERE turn_id=?1 \
+                "SELECT event_type, tool_name, tool_args, data FROM ev.events WHERE turn_id=?1 \
                  ORDER BY line_no DESC, id DESC LIMIT 1",
             )
             .ctx("reading the last event")?;
@@ -338,7 +343,8 @@ impl FleetViews for SqliteViews {
                         Ok(LastEvent {
                             event_type: r.get(0)?,
                             tool_name: r.get(1)?,
-                            data: r.get(2)?,
+                            tool_args: r.get(2)?,
+                            data: r.get(3)?,
                         })
                     })
                     .optional()
@@ -433,7 +439,7 @@ mod tests {
         let v = SqliteViews::new(dir.path());
         assert!(v.health().is_err(), "no databases yet");
         assert!(!dir.path().join("sessions.db").exists(), "must not create");
-        let mut store = super::super::Store::open(dir.path()).unwrap();
+        let store = super::super::Store::open(dir.path()).unwrap();
         super::super::events::open(dir.path()).unwrap();
         store
             .conn
@@ -462,6 +468,9 @@ mod tests {
         let e = conn
             .execute("DELETE FROM turns", [])
             .expect_err("a read-only view cannot write");
-        assert!(e.to_string().contains("readonly") || e.to_string().contains("read-only"), "{e}");
+        assert!(
+            e.to_string().contains("readonly") || e.to_string().contains("read-only"),
+            "{e}"
+        );
     }
 }

@@ -64,11 +64,7 @@ impl ServeCounters {
             "Times serve found an agent's turn lease held by another process and left it for a later poll",
             self.lease_waits.clone(),
         );
-        reg.register(
-            "sweeps",
-            "Sweep passes run by serve",
-            self.sweeps.clone(),
-        );
+        reg.register("sweeps", "Sweep passes run by serve", self.sweeps.clone());
         for kind in REPAIR_KINDS {
             // Every kind shows from the start, at 0, so rate() works at once.
             let _ = self.sweep_repairs.get_or_create(&vec![("kind", kind)]);
@@ -150,10 +146,30 @@ impl Collector for TotalsCollector {
             &t.duration.buckets,
             None,
         )?;
-        counter(&mut enc, "lines_ingested", "Stdout lines ingested from agents (finished turns)", t.lines)?;
-        counter(&mut enc, "events_ingested", "Rows written to events (finished turns)", t.events)?;
-        counter(&mut enc, "malformed_lines", "Stdout lines that were not valid JSON (finished turns)", t.malformed_lines)?;
-        counter(&mut enc, "cost_usd", "Cost reported by the agents, in US dollars", t.cost_usd)?;
+        counter(
+            &mut enc,
+            "lines_ingested",
+            "Stdout lines ingested from agents (finished turns)",
+            t.lines,
+        )?;
+        counter(
+            &mut enc,
+            "events_ingested",
+            "Rows written to events (finished turns)",
+            t.events,
+        )?;
+        counter(
+            &mut enc,
+            "malformed_lines",
+            "Stdout lines that were not valid JSON (finished turns)",
+            t.malformed_lines,
+        )?;
+        counter(
+            &mut enc,
+            "cost_usd",
+            "Cost reported by the agents, in US dollars",
+            t.cost_usd,
+        )?;
         {
             let mut m = enc.encode_descriptor(
                 "tokens",
@@ -173,7 +189,12 @@ impl Collector for TotalsCollector {
         ]
         .map(|(k, v)| (k.to_string(), v));
         gauge_family(&mut enc, "mail", "Mail by claim state", "state", &mail)?;
-        counter(&mut enc, "mail_retries", "Failed deliveries of mail that were retried or ended dead", t.mail_retries)?;
+        counter(
+            &mut enc,
+            "mail_retries",
+            "Failed deliveries of mail that were retried or ended dead",
+            t.mail_retries,
+        )?;
         // Every state shows, at 0 when no agent is in it.
         let states: Vec<(String, u64)> = State::ALL
             .iter()
@@ -253,7 +274,7 @@ mod tests {
             "# TYPE runner_turns_total counter",
             "runner_turns_total{outcome=\"done\"} 3",
             "# TYPE runner_turn_duration_seconds histogram",
-            "runner_turn_duration_seconds_bucket{le=\"5.0\"} 3",
+            "runner_turn_duration_seconds_bucket{le=\"5\"} 3",
             "runner_turn_duration_seconds_bucket{le=\"+Inf\"} 4",
             "runner_turn_duration_seconds_count 4",
             "runner_cost_usd_total 0.25",
@@ -266,6 +287,10 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
-        assert!(!encode(Totals::default(), None, LiveStats::default()).unwrap().contains("serve_backoffs"));
+        assert!(
+            !encode(Totals::default(), None, LiveStats::default())
+                .unwrap()
+                .contains("serve_backoffs")
+        );
     }
 }

@@ -189,8 +189,14 @@ fn router(state: Arc<WebState>) -> Router {
         .route("/live", get(live))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
-        .route("/assets/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
-        .route("/assets/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
+        .route(
+            "/assets/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/assets/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
+        )
         .fallback(|| async { WebError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn(security_headers))
@@ -204,16 +210,29 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 async fn security_headers(req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     let h = res.headers_mut();
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }
 
 /// Compares without an early exit, so timing does not reveal a prefix.
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// The token a request carries, and whether it came in the query string.
@@ -299,7 +318,10 @@ fn load_snapshot(views: &dyn FleetViews) -> std::result::Result<pages::Snapshot,
 async fn dashboard(State(st): State<Arc<WebState>>) -> std::result::Result<Response, WebError> {
     let views = st.views.clone();
     let snap = blocking(move || load_snapshot(views.as_ref())).await?;
-    Ok(html(pages::dashboard(&snap, &st.root.dir.display().to_string())))
+    Ok(html(pages::dashboard(
+        &snap,
+        &st.root.dir.display().to_string(),
+    )))
 }
 
 /// The last `max` bytes of a file, lossily decoded; `None` if there is none.
@@ -328,14 +350,21 @@ async fn turn_page(
         let events = views.turn_events(&id, TURN_EVENTS)?;
         let stderr = if valid_name(&t.agent_name) {
             tail(
-                &root.turn_log_dir(&t.agent_name, &t.turn_id).join("stderr.log"),
+                &root
+                    .turn_log_dir(&t.agent_name, &t.turn_id)
+                    .join("stderr.log"),
                 STDERR_TAIL,
             )
         } else {
             None
         };
         let stderr = stderr.unwrap_or_else(|| "(no stderr.log)".into());
-        Ok(Some(pages::turn_page(&t, &events, TURN_EVENTS as usize, &stderr)))
+        Ok(Some(pages::turn_page(
+            &t,
+            &events,
+            TURN_EVENTS as usize,
+            &stderr,
+        )))
     })
     .await?;
     page.map(html).ok_or(WebError::NotFound)
@@ -410,7 +439,8 @@ async fn live_poller(st: Arc<WebState>) {
             Ok(s) => {
                 let json = serde_json::to_string(&s).unwrap_or_default();
                 // `at` changes every poll; compare the rest.
-                let key = serde_json::to_string(&(&s.agents, &s.mail, &s.turns)).unwrap_or_default();
+                let key =
+                    serde_json::to_string(&(&s.agents, &s.mail, &s.turns)).unwrap_or_default();
                 if key != last {
                     last = key;
                     st.live.tx.send_replace(Arc::new(json));
@@ -433,7 +463,10 @@ mod tests {
     #[test]
     fn addresses() {
         assert_eq!(parse_addr("8080").unwrap().to_string(), "127.0.0.1:8080");
-        assert_eq!(parse_addr("localhost:9").unwrap().to_string(), "127.0.0.1:9");
+        assert_eq!(
+            parse_addr("localhost:9").unwrap().to_string(),
+            "127.0.0.1:9"
+        );
         assert_eq!(parse_addr("[::1]:9").unwrap().to_string(), "[::1]:9");
         assert!(parse_addr("example:80").is_err());
         let open = parse_addr("0.0.0.0:80").unwrap();
@@ -445,10 +478,19 @@ mod tests {
     #[test]
     fn tokens_from_header_query_and_cookie() {
         let mut h = HeaderMap::new();
-        assert_eq!(presented_token(&h, Some("a=1&token=xyz")), Some(("xyz", true)));
-        h.insert(header::COOKIE, HeaderValue::from_static("x=1; runner_token=abc"));
+        assert_eq!(
+            presented_token(&h, Some("a=1&token=xyz")),
+            Some(("xyz", true))
+        );
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("x=1; runner_token=abc"),
+        );
         assert_eq!(presented_token(&h, None), Some(("abc", false)));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer def"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer def"),
+        );
         assert_eq!(presented_token(&h, None), Some(("def", false)));
         assert!(same_secret("abc", "abc"));
         assert!(!same_secret("abc", "abd"));

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::clock;
 use crate::store::events::StoredEvent;
 use crate::store::turns::TurnRow;
-use crate::store::views::{AgentView, MailCounts, TurnPoint};
+use crate::store::views::{AgentView, LastEvent, MailCounts, TurnPoint};
 
 /// Escapes text for HTML element content and quoted attribute values.
 pub fn esc(s: &str) -> String {
@@ -39,8 +39,7 @@ pub fn esc(s: &str) -> String {
 pub fn safe_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
@@ -102,7 +101,10 @@ fn elapsed(from: &str, now: SystemTime) -> String {
 }
 
 fn took(t: &TurnRow) -> String {
-    match (clock::parse_ts(&t.started_at), t.ended_at.as_deref().and_then(clock::parse_ts)) {
+    match (
+        clock::parse_ts(&t.started_at),
+        t.ended_at.as_deref().and_then(clock::parse_ts),
+    ) {
         (Some(a), Some(b)) => b
             .duration_since(a)
             .map(|d| clock::human_duration(Duration::from_millis(d.as_millis() as u64)))
@@ -140,14 +142,36 @@ pub fn readable(data: &str) -> String {
     }
 }
 
-/// What the last event of a turn says, in a line.
-pub fn event_summary(event_type: &str, tool: Option<&str>, data: Option<&str>) -> String {
-    let mut s = event_type.to_string();
-    if let Some(t) = tool {
+/// A tool call's arguments as `key: value` lines, strings unquoted (so a
+/// command reads as typed); anything else as stored.
+pub fn readable_args(args: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(args) {
+        Ok(serde_json::Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}: {s}"),
+                other => format!("{k}: {other}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => args.to_string(),
+    }
+}
+
+/// What an event says, in a line: type, tool, and the tool's arguments or
+/// else the readable part of the data.
+pub fn event_summary(e: &LastEvent) -> String {
+    let mut s = e.event_type.clone();
+    if let Some(t) = &e.tool_name {
         let _ = write!(s, " {t}");
     }
-    if let Some(d) = data.filter(|d| !d.is_empty()) {
-        let _ = write!(s, ": {}", clip(&readable(d), 120));
+    let what = match (&e.tool_args, &e.data) {
+        (Some(a), _) if !a.is_empty() => readable_args(a),
+        (_, Some(d)) => readable(d),
+        _ => String::new(),
+    };
+    if !what.is_empty() {
+        let _ = write!(s, ": {}", clip(&what, 120));
     }
     s
 }
@@ -190,11 +214,7 @@ pub fn snapshot(
                 Some((id, started)) => (turn_link(id), text(elapsed(started, now))),
                 None => (text(""), text("")),
             };
-            let last = a
-                .last_event
-                .as_ref()
-                .map(|e| event_summary(&e.event_type, e.tool_name.as_deref(), e.data.as_deref()))
-                .unwrap_or_default();
+            let last = a.last_event.as_ref().map(event_summary).unwrap_or_default();
             let mut outcome = outcome_cell(a.last_outcome.as_deref());
             if let Some(r) = &a.last_reason {
                 outcome.t = format!("{} ({})", outcome.t, clip(r, 60));
@@ -235,7 +255,11 @@ pub fn snapshot(
                 text(&t.agent_name),
                 text(t.started_at.get(11..19).unwrap_or(&t.started_at)),
                 text(took(t)),
-                outcome_cell(t.outcome.as_deref().or(t.ended_at.is_none().then_some("running"))),
+                outcome_cell(
+                    t.outcome
+                        .as_deref()
+                        .or(t.ended_at.is_none().then_some("running")),
+                ),
                 text(clip(t.reason.as_deref().unwrap_or(""), 120)),
                 text(t.cost_usd.map(money).unwrap_or_default()),
             ]
@@ -328,13 +352,22 @@ pub fn turn_page(t: &TurnRow, events: &[StoredEvent], shown_limit: usize, stderr
         esc(&t.turn_id)
     );
     let facts: [(&str, String); 10] = [
-        ("outcome", t.outcome.clone().unwrap_or_else(|| "running".into())),
+        (
+            "outcome",
+            t.outcome.clone().unwrap_or_else(|| "running".into()),
+        ),
         ("reason", t.reason.clone().unwrap_or_default()),
         ("started", t.started_at.clone()),
         ("ended", t.ended_at.clone().unwrap_or_default()),
         ("took", took(t)),
-        ("exit code", t.exit_code.map(|c| c.to_string()).unwrap_or_default()),
-        ("lines / events / malformed", format!("{} / {} / {}", t.lines, t.events, t.malformed_lines)),
+        (
+            "exit code",
+            t.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+        ),
+        (
+            "lines / events / malformed",
+            format!("{} / {} / {}", t.lines, t.events, t.malformed_lines),
+        ),
         ("cost", t.cost_usd.map(money).unwrap_or_default()),
         (
             "tokens in / out",
@@ -354,7 +387,7 @@ pub fn turn_page(t: &TurnRow, events: &[StoredEvent], shown_limit: usize, stderr
         .iter()
         .map(|e| {
             let what = match (&e.tool_args, &e.data) {
-                (Some(a), _) if !a.is_empty() => clip(a, 400),
+                (Some(a), _) if !a.is_empty() => clip(&readable_args(a), 400),
                 (_, Some(d)) => clip(&readable(d), 400),
                 _ => String::new(),
             };
@@ -362,7 +395,11 @@ pub fn turn_page(t: &TurnRow, events: &[StoredEvent], shown_limit: usize, stderr
                 text(e.created_at.get(11..23).unwrap_or(&e.created_at)),
                 text(&e.event_type),
                 text(e.tool_name.clone().unwrap_or_default()),
-                text(e.tool_duration_ms.map(|d| format!("{d} ms")).unwrap_or_default()),
+                text(
+                    e.tool_duration_ms
+                        .map(|d| format!("{d} ms"))
+                        .unwrap_or_default(),
+                ),
                 Cell {
                     t: e.level.clone(),
                     h: None,
@@ -379,7 +416,14 @@ pub fn turn_page(t: &TurnRow, events: &[StoredEvent], shown_limit: usize, stderr
     table(
         &mut out,
         "events",
-        &["time", "event", "tool", "duration", "level", "text / arguments"],
+        &[
+            "time",
+            "event",
+            "tool",
+            "duration",
+            "level",
+            "text / arguments",
+        ],
         &rows,
     );
     if events.len() >= shown_limit {
@@ -406,12 +450,15 @@ pub fn chart_svg(points: &[TurnPoint], now: SystemTime) -> String {
     let times: Vec<(f64, f64)> = points
         .iter()
         .filter_map(|p| {
-            clock::parse_ts(&p.ended_at)
-                .map(|t| (clock::epoch_ms(t) as f64 / 1000.0, p.cost_usd))
+            clock::parse_ts(&p.ended_at).map(|t| (clock::epoch_ms(t) as f64 / 1000.0, p.cost_usd))
         })
         .collect();
     let end = clock::epoch_ms(now) as f64 / 1000.0;
-    let start = times.first().map(|t| t.0).unwrap_or(end - 60.0).min(end - 60.0);
+    let start = times
+        .first()
+        .map(|t| t.0)
+        .unwrap_or(end - 60.0)
+        .min(end - 60.0);
     let width = (end - start) / BUCKETS as f64;
     let mut turns = [0u64; BUCKETS];
     let mut cost = [0f64; BUCKETS];
@@ -480,7 +527,6 @@ pub fn chart_svg(points: &[TurnPoint], now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::views::LastEvent;
 
     const HOSTILE: &str = "<script>alert(1)</script>\"><img src=x onerror=alert(2)>";
 
@@ -493,6 +539,7 @@ mod tests {
             last_event: Some(LastEvent {
                 event_type: "text".into(),
                 tool_name: Some(HOSTILE.into()),
+                tool_args: Some(HOSTILE.into()),
                 data: Some(HOSTILE.into()),
             }),
             last_reason: Some(HOSTILE.into()),
@@ -506,7 +553,12 @@ mod tests {
             reason: Some(HOSTILE.into()),
             ..TurnRow::default()
         };
-        let s = snapshot(&[a], MailCounts::default(), std::slice::from_ref(&t), SystemTime::now());
+        let s = snapshot(
+            &[a],
+            MailCounts::default(),
+            std::slice::from_ref(&t),
+            SystemTime::now(),
+        );
         let html = dashboard(&s, HOSTILE);
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("<img src=x"), "{html}");
@@ -539,6 +591,10 @@ mod tests {
         assert_eq!(readable(d), "hello world");
         assert_eq!(readable(r#"{"a":1}"#), r#"{"a":1}"#);
         assert_eq!(readable("not json <b>"), "not json <b>");
+        assert_eq!(
+            readable_args(r#"{"command":"ls \"x\"","n":1}"#),
+            "command: ls \"x\"\nn: 1"
+        );
     }
 
     #[test]

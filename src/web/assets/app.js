@@ -1,6 +1,7 @@
 // runner dashboard: fills the server-rendered tables from the live feed
 // (/live, server-sent events). Everything from the feed is written with
-// textContent; the only links are /turn/<id> paths. No innerHTML anywhere.
+// textContent; the only links are /turn/<id> paths. Data is never parsed as
+// markup.
 "use strict";
 (function () {
   var live = document.getElementById("live");
