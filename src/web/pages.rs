@@ -83,7 +83,7 @@ fn outcome_cell(o: Option<&str>) -> Cell {
         h: None,
         c: Some(match o {
             "done" | "exited" | "waiting" => "ok",
-            "" | "interrupted" | "stopped" => "muted",
+            "" | "running" | "interrupted" | "stopped" => "muted",
             _ => "bad",
         }),
     }

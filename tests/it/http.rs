@@ -23,7 +23,8 @@ const HOSTILE: &str =
 struct Server {
     child: Child,
     addr: String,
-    _stderr: Receiver<String>,
+    /// Lines of the server's stderr.
+    stderr: Receiver<String>,
 }
 
 impl Drop for Server {
@@ -49,21 +50,24 @@ fn start(t: &TestRoot, args: &[&str], env: &[(&str, &str)]) -> Server {
             }
         }
     });
+    // Owned at once, so a panic below still kills the child.
+    let mut server = Server {
+        child,
+        addr: String::new(),
+        stderr: rx,
+    };
     let until = Instant::now() + LONG;
-    loop {
+    while server.addr.is_empty() {
         let left = until.saturating_duration_since(Instant::now());
-        let line = rx
+        let line = server
+            .stderr
             .recv_timeout(left)
             .unwrap_or_else(|_| panic!("runner {args:?} never said it was listening"));
         if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split('/').next().unwrap().to_string();
-            return Server {
-                child,
-                addr,
-                _stderr: rx,
-            };
+            server.addr = rest.split('/').next().unwrap().to_string();
         }
     }
+    server
 }
 
 struct Resp {
@@ -577,11 +581,11 @@ impl Browser {
             .unwrap();
         loop {
             let m = self.ws.read().expect("DevTools closed");
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(m.to_text().unwrap_or("")) {
-                if v["id"] == id {
-                    assert!(v.get("error").is_none(), "{method}: {v}");
-                    return v["result"].clone();
-                }
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(m.to_text().unwrap_or(""))
+                && v["id"] == id
+            {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
             }
         }
     }
