@@ -98,15 +98,7 @@ pub async fn serve(
                 match tokio::task::spawn_blocking(move || crate::sweep::sweep(&c, false)).await {
                     Ok(Ok(r)) => {
                         rep.sweeps += 1;
-                        opts.counters.sweep([
-                            r.orphan_turns,
-                            r.groups_killed,
-                            r.claims_retried,
-                            r.claims_released,
-                            r.claims_dead,
-                            r.states_fixed,
-                            r.turns_stopped,
-                        ]);
+                        opts.counters.sweep(&r);
                         if r.errors > 0 {
                             tracing::warn!("sweep: {} error(s): {:?}", r.errors, r.error_messages);
                         }

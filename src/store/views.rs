@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
-use super::events::StoredEvent;
+use super::events::{EventFilter, StoredEvent};
 use super::turns::TurnRow;
 use super::{BUSY_TIMEOUT, Ctx, Result, StoreError, classify};
 
@@ -106,7 +106,7 @@ pub trait FleetViews: Send + Sync + 'static {
     /// Turns newest first (unfinished ones included).
     fn recent_turns(&self, limit: i64) -> Result<Vec<TurnRow>>;
     fn turn(&self, turn_id: &str) -> Result<Option<TurnRow>>;
-    /// The first `limit` events of a turn, oldest first.
+    /// The last `limit` events of a turn, oldest first.
     fn turn_events(&self, turn_id: &str, limit: i64) -> Result<Vec<StoredEvent>>;
     /// The last `limit` finished turns, oldest first.
     fn turn_points(&self, limit: i64) -> Result<Vec<TurnPoint>>;
@@ -367,36 +367,13 @@ impl FleetViews for SqliteViews {
     }
 
     fn turn_events(&self, turn_id: &str, limit: i64) -> Result<Vec<StoredEvent>> {
-        let conn = self.open()?;
-        let mut st = conn
-            .prepare_cached(
-                "SELECT id, run_id, agent_name, session_id, event_type, tool_name, tool_args, \
-                 tool_duration_ms, level, data, created_at, turn_id, line_no FROM ev.events \
-                 WHERE turn_id=?1 ORDER BY id LIMIT ?2",
-            )
-            .ctx("reading a turn's events")?;
-        let rows = st
-            .query_map(params![turn_id, limit], |r| {
-                Ok(StoredEvent {
-                    id: r.get(0)?,
-                    run_id: r.get(1)?,
-                    agent_name: r.get(2)?,
-                    session_id: r.get(3)?,
-                    event_type: r.get(4)?,
-                    tool_name: r.get(5)?,
-                    tool_args: r.get(6)?,
-                    tool_duration_ms: r.get(7)?,
-                    level: r.get(8)?,
-                    data: r.get(9)?,
-                    created_at: r.get(10)?,
-                    turn_id: r.get(11)?,
-                    line_no: r.get(12)?,
-                })
-            })
-            .ctx("reading a turn's events")?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .ctx("reading a turn's events")?;
-        Ok(rows)
+        // `events` resolves to the attached `ev.events`: sessions.db has none.
+        let f = EventFilter {
+            turn: Some(turn_id.to_string()),
+            limit,
+            ..EventFilter::default()
+        };
+        super::events::list(&self.open()?, &f)
     }
 
     fn turn_points(&self, limit: i64) -> Result<Vec<TurnPoint>> {

@@ -31,24 +31,27 @@ pub struct ServeCounters {
     pub sweep_repairs: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
-/// The repair kinds of a sweep report, as `kind` label values.
-pub const REPAIR_KINDS: [&str; 7] = [
-    "orphan_turn",
-    "group_killed",
-    "claim_retried",
-    "claim_released",
-    "claim_dead",
-    "state_fixed",
-    "turn_stopped",
-];
+/// A sweep report's repairs, by `kind` label value.
+fn repairs(r: &crate::sweep::Report) -> [(&'static str, u64); 7] {
+    [
+        ("orphan_turn", r.orphan_turns),
+        ("group_killed", r.groups_killed),
+        ("claim_retried", r.claims_retried),
+        ("claim_released", r.claims_released),
+        ("claim_dead", r.claims_dead),
+        ("state_fixed", r.states_fixed),
+        ("turn_stopped", r.turns_stopped),
+    ]
+}
 
 impl ServeCounters {
-    /// Adds one sweep pass and its repairs, in [`REPAIR_KINDS`] order.
-    pub fn sweep(&self, repairs: [u64; 7]) {
+    /// Adds one sweep pass and its repairs by kind.
+    pub fn sweep(&self, r: &crate::sweep::Report) {
         self.sweeps.inc();
-        for (kind, n) in REPAIR_KINDS.iter().zip(repairs) {
-            self.sweep_repairs
-                .get_or_create(&vec![("kind", *kind)])
+        for (kind, n) in repairs(r) {
+            let _ = self
+                .sweep_repairs
+                .get_or_create(&vec![("kind", kind)])
                 .inc_by(n);
         }
     }
@@ -65,7 +68,7 @@ impl ServeCounters {
             self.lease_waits.clone(),
         );
         reg.register("sweeps", "Sweep passes run by serve", self.sweeps.clone());
-        for kind in REPAIR_KINDS {
+        for (kind, _) in repairs(&crate::sweep::Report::default()) {
             // Every kind shows from the start, at 0, so rate() works at once.
             let _ = self.sweep_repairs.get_or_create(&vec![("kind", kind)]);
         }
@@ -268,7 +271,10 @@ mod tests {
         };
         let c = ServeCounters::default();
         c.backoffs.inc();
-        c.sweep([1, 0, 0, 0, 0, 0, 0]);
+        c.sweep(&crate::sweep::Report {
+            orphan_turns: 1,
+            ..Default::default()
+        });
         let text = encode(t, Some(&c), LiveStats::default()).unwrap();
         for want in [
             "# TYPE runner_turns_total counter",

@@ -429,7 +429,7 @@ pub fn turn_page(t: &TurnRow, events: &[StoredEvent], shown_limit: usize, stderr
     if events.len() >= shown_limit {
         let _ = write!(
             out,
-            "<p class=\"muted\">the first {shown_limit} events are shown (<code>runner events --turn {}</code> lists all)</p>",
+            "<p class=\"muted\">the last {shown_limit} events are shown (<code>runner events --turn {}</code> lists all)</p>",
             esc(&t.turn_id)
         );
     }
