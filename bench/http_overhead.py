@@ -19,6 +19,7 @@ shared; the figure is the median of each variant and the paired difference
 """
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -34,6 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: roots, agents, timestamps)
+
+
+WEB_CPU = {"idle": [], "watched": [], "serve_cpu_per_s": []}
 
 
 def listening_addr(errpath, deadline):
@@ -74,14 +78,45 @@ class Watcher(threading.Thread):
     def scrape(self):
         while not self.stop:
             t0 = time.time()
-            with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=10) as r:
-                r.read()
-            self.scrapes += 1
+            try:
+                with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=10) as r:
+                    r.read()
+                self.scrapes += 1
+            except OSError:
+                if self.stop:
+                    return
             time.sleep(max(0.0, 1.0 - (time.time() - t0)))
 
     def close(self):
         self.stop = True
         self.sock.close()
+
+
+def cpu_s(pid):
+    """utime + stime of a process, in seconds."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def web_cpu(root, watched, secs):
+    """CPU seconds per second of a standalone `runner web` on `root`: with
+    nobody connected, or with one live dashboard and a scrape a second."""
+    errp = root / "web.stderr"
+    with open(errp, "wb") as errf:
+        p = subprocess.Popen([str(a) for a in bench.runner("--root", root, "web", "--http", "127.0.0.1:0")],
+                             stdout=subprocess.DEVNULL, stderr=errf)
+    addr = listening_addr(errp, time.time() + 30)
+    w = Watcher(addr) if watched else None
+    if w:
+        w.start()
+    c0, t0 = cpu_s(p.pid), time.time()
+    time.sleep(secs)
+    c1, t1 = cpu_s(p.pid), time.time()
+    if w:
+        w.close()
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=30)
+    return (c1 - c0) / (t1 - t0)
 
 
 def one_run(tpl, variant):
@@ -93,6 +128,7 @@ def one_run(tpl, variant):
         argv += ["--http", "127.0.0.1:0"]
     with open(errp, "wb") as errf:
         p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=errf)
+    t_start = time.time()
     w = None
     if variant != "plain":
         addr = listening_addr(errp, time.time() + 30)
@@ -108,6 +144,7 @@ def one_run(tpl, variant):
     w0 = first + bench.SERVE_WARMUP
     w1 = w0 + bench.SERVE_WINDOW
     time.sleep(max(0.0, w1 - time.time() + 0.3))
+    cpu = cpu_s(p.pid)
     p.send_signal(signal.SIGINT)
     p.wait(timeout=30)
     note = ""
@@ -116,6 +153,14 @@ def one_run(tpl, variant):
         note = f"{w.events} live updates, {w.scrapes} scrapes"
     e = bench.ended_times(root)
     n = sum(1 for t, o in e if w0 <= t < w1 and o != "interrupted")
+    done = sum(1 for _, o in e if o != "interrupted")
+    note += f" serve CPU {cpu * 1000 / max(done, 1):.2f} ms/turn"
+    if variant == "plain" and WEB_CPU is not None:
+        # The store serve left behind (thousands of turns), watched by a
+        # standalone `runner web`: the HTTP side's own CPU, load aside.
+        WEB_CPU["idle"].append(web_cpu(root, False, 15))
+        WEB_CPU["watched"].append(web_cpu(root, True, 15))
+        WEB_CPU["serve_cpu_per_s"].append(cpu / (time.time() - t_start))
     bench.rm(root)
     return n / bench.SERVE_WINDOW * 60, note
 
@@ -155,6 +200,11 @@ def main():
             print(f"  {v} vs plain (medians): {(med[v] - med['plain']) / med['plain'] * 100:+.1f} %")
         print(f"  watched vs plain, paired per run: median {statistics.median(paired):+.1f} % "
               f"(runs: {', '.join(f'{x:+.1f}' for x in paired)})")
+        wi, ww, sv = (statistics.median(WEB_CPU[k]) for k in ("idle", "watched", "serve_cpu_per_s"))
+        print(f"  standalone `runner web` on the store a plain run left: CPU {wi * 1000:.1f} ms/s with nobody "
+              f"connected, {ww * 1000:.1f} ms/s with one live dashboard and a scrape a second "
+              f"(runs: {', '.join(f'{x * 1000:.1f}' for x in WEB_CPU['watched'])}); serve itself used "
+              f"{sv * 1000:.0f} ms/s, so watching costs {ww / sv * 100:.1f} % of serve's CPU")
     finally:
         bench.rm(bench.WORK)
 

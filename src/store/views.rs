@@ -5,13 +5,14 @@
 //! Invariants: the SQLite implementation opens `sessions.db` read-only with
 //! `PRAGMA query_only=1` and attaches `mail.db` and `events.db` read-only
 //! (`mode=ro`), so it can never take a write lock, create a database or run
-//! a migration; each call opens its own connection and holds it only for
-//! that call, so a reader never pins the WAL. Counters are derived from the
+//! a migration; its one kept connection runs autocommit reads only, so no
+//! read transaction outlives a call to pin the WAL. Counters are derived from the
 //! rows (turn outcomes, line and event counts, cost, tokens, mail tries), so
 //! `runner web` on a host without `serve` shows the same numbers. Non-goal:
 //! deciding what to show (that is `web`).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
@@ -101,7 +102,9 @@ pub trait FleetViews: Send + Sync + 'static {
     /// Ok when the store answers a trivial query on each database.
     fn health(&self) -> Result<()>;
     fn totals(&self, now: &str) -> Result<Totals>;
-    fn agents(&self) -> Result<Vec<AgentView>>;
+    /// At most `limit` agents, those in a turn first, then the most
+    /// recently active; and how many agents there are in all.
+    fn agents(&self, limit: i64) -> Result<(Vec<AgentView>, u64)>;
     fn mail(&self, now: &str) -> Result<MailCounts>;
     /// Turns newest first (unfinished ones included).
     fn recent_turns(&self, limit: i64) -> Result<Vec<TurnRow>>;
@@ -113,21 +116,47 @@ pub trait FleetViews: Send + Sync + 'static {
 }
 
 /// [`FleetViews`] over the SQLite files under a root.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SqliteViews {
     root: PathBuf,
+    /// One read-only connection, kept: opening one costs a WAL-index
+    /// recovery (reading every WAL) when no other connection is open, which
+    /// at one poll a second would cost more than the queries. It holds no
+    /// lock between statements. Calls take turns on it.
+    conn: Mutex<Option<Connection>>,
+}
+
+/// The kept connection, for one call.
+pub struct Conn<'a>(MutexGuard<'a, Option<Connection>>);
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.0.as_ref().expect("opened before use")
+    }
 }
 
 impl SqliteViews {
     pub fn new(root: &Path) -> SqliteViews {
         SqliteViews {
             root: root.to_path_buf(),
+            conn: Mutex::new(None),
         }
+    }
+
+    /// The kept connection, opened on first use (and again after a failed
+    /// open, e.g. before `runner init`).
+    fn open(&self) -> Result<Conn<'_>> {
+        let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(self.connect()?);
+        }
+        Ok(Conn(g))
     }
 
     /// `sessions.db` read-only, with `mail.db` as `mail` and `events.db` as
     /// `ev`, all read-only and `query_only`.
-    fn open(&self) -> Result<Connection> {
+    fn connect(&self) -> Result<Connection> {
         let main = self.root.join("sessions.db");
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -301,19 +330,24 @@ impl FleetViews for SqliteViews {
         })
     }
 
-    fn agents(&self) -> Result<Vec<AgentView>> {
+    fn agents(&self, limit: i64) -> Result<(Vec<AgentView>, u64)> {
         let conn = self.open()?;
-        // The open turn, the last finished one and the cost, per agent.
+        let total: i64 = conn
+            .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
+            .ctx("counting agents")?;
+        // The open turn, the last finished one and the cost, per shown agent
+        // (the inner LIMIT keeps the per-agent look-ups to the shown rows).
         let sql = "SELECT s.agent_name, s.capability, s.state, \
             (SELECT turn_id FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NULL ORDER BY turn_id DESC LIMIT 1), \
             (SELECT started_at FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NULL ORDER BY turn_id DESC LIMIT 1), \
             (SELECT outcome FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1), \
             (SELECT reason FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1), \
             (SELECT COALESCE(SUM(cost_usd), 0.0) FROM turns t WHERE t.agent_name=s.agent_name) \
-            FROM sessions s ORDER BY s.agent_name";
+            FROM (SELECT * FROM sessions ORDER BY state = 'in_turn' DESC, last_activity DESC, agent_name LIMIT ?1) s \
+            ORDER BY s.state = 'in_turn' DESC, s.last_activity DESC, s.agent_name";
         let mut st = conn.prepare_cached(sql).ctx("listing agents")?;
         let mut rows = st
-            .query_map([], |r| {
+            .query_map([limit], |r| {
                 let turn: Option<String> = r.get(3)?;
                 let started: Option<String> = r.get(4)?;
                 Ok(AgentView {
@@ -351,19 +385,19 @@ impl FleetViews for SqliteViews {
                     .ctx("reading the last event")?;
             }
         }
-        Ok(rows)
+        Ok((rows, total.max(0) as u64))
     }
 
     fn mail(&self, now: &str) -> Result<MailCounts> {
-        Ok(mail_counts(&self.open()?, now)?.0)
+        Ok(mail_counts(&*self.open()?, now)?.0)
     }
 
     fn recent_turns(&self, limit: i64) -> Result<Vec<TurnRow>> {
-        super::turns::list(&self.open()?, None, limit)
+        super::turns::list(&*self.open()?, None, limit)
     }
 
     fn turn(&self, turn_id: &str) -> Result<Option<TurnRow>> {
-        super::turns::get(&self.open()?, turn_id)
+        super::turns::get(&*self.open()?, turn_id)
     }
 
     fn turn_events(&self, turn_id: &str, limit: i64) -> Result<Vec<StoredEvent>> {
@@ -373,7 +407,7 @@ impl FleetViews for SqliteViews {
             limit,
             ..EventFilter::default()
         };
-        super::events::list(&self.open()?, &f)
+        super::events::list(&*self.open()?, &f)
     }
 
     fn turn_points(&self, limit: i64) -> Result<Vec<TurnPoint>> {
@@ -438,7 +472,8 @@ mod tests {
         // 2 s falls in the 5 s bucket.
         assert_eq!(t.duration.buckets[1], (5.0, 1));
         assert_eq!(t.duration.buckets.iter().map(|b| b.1).sum::<u64>(), 1);
-        let a = v.agents().unwrap();
+        let (a, total) = v.agents(10).unwrap();
+        assert_eq!(total, 1);
         assert_eq!(a[0].current_turn.as_ref().unwrap().0, "t2");
         assert_eq!(a[0].last_outcome.as_deref(), Some("done"));
         let conn = v.open().unwrap();

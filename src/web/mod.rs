@@ -43,6 +43,8 @@ use metrics::ServeCounters;
 
 /// How often the live feed polls the store while someone watches.
 pub const LIVE_POLL: Duration = Duration::from_secs(1);
+/// Agents on the dashboard (in a turn first, then the most recently active).
+const AGENTS_SHOWN: i64 = 50;
 /// Recent turns on the dashboard.
 const RECENT_TURNS: i64 = 25;
 /// Events shown on a turn's page.
@@ -307,8 +309,10 @@ fn html(body: String) -> Response {
 fn load_snapshot(views: &dyn FleetViews) -> std::result::Result<pages::Snapshot, StoreError> {
     let now = SystemTime::now();
     let ts = clock::format_ts(now);
+    let (agents, total) = views.agents(AGENTS_SHOWN)?;
     Ok(pages::snapshot(
-        &views.agents()?,
+        &agents,
+        total,
         views.mail(&ts)?,
         &views.recent_turns(RECENT_TURNS)?,
         now,
@@ -439,8 +443,8 @@ async fn live_poller(st: Arc<WebState>) {
             Ok(s) => {
                 let json = serde_json::to_string(&s).unwrap_or_default();
                 // `at` changes every poll; compare the rest.
-                let key =
-                    serde_json::to_string(&(&s.agents, &s.mail, &s.turns)).unwrap_or_default();
+                let key = serde_json::to_string(&(&s.agents, &s.agents_note, &s.mail, &s.turns))
+                    .unwrap_or_default();
                 if key != last {
                     last = key;
                     st.live.tx.send_replace(Arc::new(json));

@@ -180,6 +180,8 @@ pub fn event_summary(e: &LastEvent) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub agents: Vec<Vec<Cell>>,
+    /// Says how many agents are not shown, if any.
+    pub agents_note: String,
     pub mail: Vec<Vec<Cell>>,
     pub turns: Vec<Vec<Cell>>,
     /// Changes whenever a turn ends: the page reloads the chart image then.
@@ -203,10 +205,19 @@ pub const TURN_HEADERS: [&str; 7] = [
 
 pub fn snapshot(
     agents: &[AgentView],
+    agents_total: u64,
     mail: MailCounts,
     turns: &[TurnRow],
     now: SystemTime,
 ) -> Snapshot {
+    let agents_note = if (agents.len() as u64) < agents_total {
+        format!(
+            "{} of {agents_total} agents: those in a turn first, then the most recently active",
+            agents.len()
+        )
+    } else {
+        String::new()
+    };
     let agents = agents
         .iter()
         .map(|a| {
@@ -267,6 +278,7 @@ pub fn snapshot(
         .collect();
     Snapshot {
         agents,
+        agents_note,
         mail,
         turns,
         chart,
@@ -324,6 +336,11 @@ pub fn dashboard(s: &Snapshot, root: &str) -> String {
     );
     out.push_str("<section><h2>Agents</h2>");
     table(&mut out, "agents", &AGENT_HEADERS, &s.agents);
+    let _ = write!(
+        out,
+        "<p id=\"agents-note\" class=\"muted\">{}</p>",
+        esc(&s.agents_note)
+    );
     out.push_str("</section><section class=\"row\"><div><h2>Mail</h2>");
     table(&mut out, "mail", &MAIL_HEADERS, &s.mail);
     out.push_str(
@@ -555,6 +572,7 @@ mod tests {
         };
         let s = snapshot(
             &[a],
+            3,
             MailCounts::default(),
             std::slice::from_ref(&t),
             SystemTime::now(),
@@ -565,6 +583,11 @@ mod tests {
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&gt;&lt;img"));
         // A turn id that is not safe gets no link.
         assert!(s.turns[0][0].h.is_none());
+        assert!(
+            s.agents_note.starts_with("1 of 3 agents"),
+            "{}",
+            s.agents_note
+        );
         let e = StoredEvent {
             id: 1,
             run_id: None,

@@ -36,6 +36,7 @@
   var lastChart = null;
   function apply(s) {
     fill("agents", s.agents);
+    document.getElementById("agents-note").textContent = String(s.agents_note || "");
     fill("mail", s.mail);
     fill("turns", s.turns);
     document.getElementById("at").textContent = String(s.at);
