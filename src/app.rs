@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::cli::{
-    AgentCmd, Cli, Command, EventsArgs, MailCmd, ServeArgs, StoreCmd, TurnArgs, read_text,
+    AgentCmd, Cli, Command, EventsArgs, MailCmd, ServeArgs, StoreCmd, TurnArgs, WebArgs, read_text,
 };
 use crate::ctx::Ctx;
 use crate::error::{Error, Result, exit_code};
@@ -96,6 +96,7 @@ async fn run(cli: Cli) -> Result<i32> {
             json,
         ),
         Command::Serve(s) => emit(&run_serve(&ctx, s).await?, json),
+        Command::Web(w) => run_web(&ctx, w).await?,
         Command::Sweep(s) => {
             let c = ctx.clone();
             let r = tokio::task::spawn_blocking(move || crate::sweep::sweep(&c, s.dry_run))
@@ -197,8 +198,26 @@ async fn run_serve(ctx: &Ctx, s: ServeArgs) -> Result<serve::ServeReport> {
         max_concurrent: s.max_concurrent.unwrap_or(cfg.serve_max_concurrent).max(1),
         grace: s.grace.unwrap_or(cfg.grace),
         stall: s.stall,
+        counters: crate::web::metrics::ServeCounters::default(),
+    };
+    // Dropped (and so stopped) when serve returns.
+    let _web = match s.http.as_ref().or(cfg.serve_http.as_ref()) {
+        Some(addr) => Some(crate::web::start(ctx, addr, Some(opts.counters.clone())).await?),
+        None => None,
     };
     serve::serve(Arc::new(ctx.clone()), opts, serve::signal_counter()).await
+}
+
+/// `runner web`: the read-only dashboard and /metrics until SIGINT/SIGTERM.
+async fn run_web(ctx: &Ctx, w: WebArgs) -> Result<i32> {
+    let addr = w
+        .http
+        .or_else(|| ctx.config.serve_http.clone())
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let _web = crate::web::start(ctx, &addr, None).await?;
+    let mut signals = serve::signal_counter();
+    let _ = signals.changed().await;
+    Ok(0)
 }
 
 /// `runner events --follow`: what is there, then every new event as it is

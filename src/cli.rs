@@ -54,6 +54,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// One repair pass over all agents.
     Sweep(SweepArgs),
+    /// A read-only dashboard and /metrics over HTTP, for hosts without `serve`.
+    Web(WebArgs),
     /// A table of agents.
     Status(StatusArgs),
     /// Turn history.
@@ -102,6 +104,7 @@ impl Command {
             | Command::Init
             | Command::Serve(_)
             | Command::Sweep(_)
+            | Command::Web(_)
             | Command::Store(_)
             | Command::Doctor
             | Command::Completions { .. }
@@ -207,6 +210,18 @@ pub struct ServeArgs {
     pub grace: Option<Duration>,
     #[arg(long, value_parser = dur)]
     pub stall: Option<Duration>,
+    /// Also serve the dashboard and /metrics on ADDR (IP:PORT, localhost:PORT
+    /// or PORT; config `[serve] http`). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WebArgs {
+    /// IP:PORT, localhost:PORT or PORT (default: `[serve] http`, else
+    /// 127.0.0.1:8080). A non-loopback address needs `[http] token`.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -30,6 +30,7 @@ struct RawFile {
     retry: Option<RawRetry>,
     sweep: Option<RawSweep>,
     serve: Option<RawServe>,
+    http: Option<RawHttp>,
     runtime: Option<BTreeMap<String, RawRuntime>>,
 }
 
@@ -63,6 +64,13 @@ struct RawSweep {
 struct RawServe {
     poll: Option<String>,
     max_concurrent: Option<usize>,
+    http: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    token: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -78,7 +86,7 @@ struct RawRuntime {
 /// Every key config.toml accepts, by section (`runtime` sections take
 /// [`RUNTIME_KEYS`]). Kept next to the `Raw*` structs; a test checks that
 /// the parser accepts each one.
-pub const KNOWN_KEYS: [(&str, &[&str]); 4] = [
+pub const KNOWN_KEYS: [(&str, &[&str]); 5] = [
     (
         "turn",
         &[
@@ -86,12 +94,14 @@ pub const KNOWN_KEYS: [(&str, &[&str]); 4] = [
             "grace",
             "deadline",
             "leak_timeout",
+            "result_exit_timeout",
             "max_line",
         ],
     ),
     ("retry", &["max_tries", "backoff_base"]),
     ("sweep", &["every", "ceiling"]),
-    ("serve", &["poll", "max_concurrent"]),
+    ("serve", &["poll", "max_concurrent", "http"]),
+    ("http", &["token"]),
 ];
 pub const RUNTIME_KEYS: [&str; 5] = ["bin", "args", "env", "permission_mode", "unattended"];
 pub const RUNTIME_NAMES: [&str; 3] = ["claude", "codex", "gemini"];
@@ -205,6 +215,11 @@ pub struct Config {
     pub sweep_ceiling: Duration,
     pub serve_poll: Duration,
     pub serve_max_concurrent: usize,
+    /// `[serve] http`: the address `serve` answers HTTP on (off when unset).
+    pub serve_http: Option<String>,
+    /// `[http] token`: required by every HTTP request when set; needed to
+    /// listen on a non-loopback address.
+    pub http_token: Option<String>,
     pub claude: RuntimeConfig,
     pub codex: RuntimeConfig,
     pub gemini: RuntimeConfig,
@@ -236,6 +251,8 @@ impl Default for Config {
             sweep_ceiling: Duration::from_secs(30 * 60),
             serve_poll: Duration::from_secs(2),
             serve_max_concurrent: 4,
+            serve_http: None,
+            http_token: None,
             claude: rt("claude"),
             codex: rt("codex"),
             gemini: rt("gemini"),
@@ -253,6 +270,23 @@ fn err(source_name: &str, key: &str, detail: impl Into<String>) -> ConfigError {
 
 fn dur(src: &str, key: &str, v: &str) -> Result<Duration, ConfigError> {
     parse_duration(v).map_err(|e| err(src, key, e))
+}
+
+/// A token is sent in headers, query strings and a cookie: at least 16
+/// characters from a set that needs no escaping in any of them.
+fn check_token(src: &str, key: &str, v: &str) -> Result<String, ConfigError> {
+    let ok = v.len() >= 16
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'));
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(err(
+            src,
+            key,
+            "expected at least 16 characters from A-Z a-z 0-9 - _ . ~",
+        ))
+    }
 }
 
 impl Config {
@@ -337,6 +371,14 @@ impl Config {
                 }
                 self.serve_max_concurrent = v;
             }
+            if let Some(v) = s.http {
+                self.serve_http = Some(v);
+            }
+        }
+        if let Some(h) = raw.http
+            && let Some(v) = h.token
+        {
+            self.http_token = Some(check_token(f, "http.token", &v)?);
         }
         for (name, r) in raw.runtime.unwrap_or_default() {
             let rc = match name.as_str() {
@@ -401,6 +443,8 @@ impl Config {
                             err(&src, "serve.max_concurrent", "expected a whole number ≥ 1")
                         })?
                 }
+                "RUNNER_SERVE_HTTP" => self.serve_http = Some(v.clone()),
+                "RUNNER_HTTP_TOKEN" => self.http_token = Some(check_token(&src, "http.token", v)?),
                 _ => {
                     if let Some(rest) = k.strip_prefix("RUNNER_RUNTIME_") {
                         self.apply_runtime_env(rest, v, &src)?;
@@ -519,6 +563,8 @@ mod tests {
                 "unattended" => "true",
                 "max_line" => "\"1MiB\"",
                 "bin" | "permission_mode" => "\"x\"",
+                "http" => "\"127.0.0.1:9000\"",
+                "token" => "\"abcdefghijklmnop\"",
                 _ => "\"1s\"",
             };
             let text = format!("[{table}]\n{leaf} = {value}\n");
@@ -542,6 +588,25 @@ mod tests {
         }));
         assert!(u.iter().any(|k| k.key == "bogus"), "{u:?}");
         assert_eq!(u.len(), 3, "{u:?}");
+    }
+
+    #[test]
+    fn http_settings() {
+        let file = "[serve]\nhttp = \"127.0.0.1:9000\"\n[http]\ntoken = \"abcdefghijklmnop\"\n";
+        let c = Config::from_parts(Some(file), "c", &vars(&[])).unwrap();
+        assert_eq!(c.serve_http.as_deref(), Some("127.0.0.1:9000"));
+        assert_eq!(c.http_token.as_deref(), Some("abcdefghijklmnop"));
+        let e =
+            Config::from_parts(Some("[http]\ntoken = \"short\"\n"), "c", &vars(&[])).unwrap_err();
+        assert!(e.to_string().contains("http.token"), "{e}");
+        let e = Config::from_parts(
+            None,
+            "c",
+            &vars(&[("RUNNER_HTTP_TOKEN", "has space in it!!")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("RUNNER_HTTP_TOKEN"), "{e}");
+        assert_eq!(Config::default().serve_http, None);
     }
 
     #[test]

@@ -34,3 +34,4 @@ pub mod stream;
 pub mod sweep;
 pub mod turn;
 pub mod watchdog;
+pub mod web;

@@ -35,6 +35,8 @@ pub struct ServeOptions {
     pub max_concurrent: usize,
     pub grace: Duration,
     pub stall: Option<Duration>,
+    /// Serve-side counters for `/metrics` (counted whether or not HTTP is on).
+    pub counters: crate::web::metrics::ServeCounters,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -99,6 +101,7 @@ pub async fn serve(
                 match tokio::task::spawn_blocking(move || crate::sweep::sweep(&c, false)).await {
                     Ok(Ok(r)) => {
                         rep.sweeps += 1;
+                        opts.counters.sweep(&r);
                         if r.errors > 0 {
                             tracing::warn!(
                                 "sweep: {} error(s): {}",
@@ -135,12 +138,15 @@ pub async fn serve(
                             if matches!(o, "refused" | "spawn_failed") {
                                 let b = backoff.get(&agent).map(|b| (b.next * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_START);
                                 backoff.insert(agent.clone(), Backoff { until: Instant::now() + b, next: b });
+                                opts.counters.backoffs.inc();
                             } else if s.turn.is_some() {
                                 backoff.remove(&agent);
                             }
                         }
                         Err(e) => {
-                            if !turn::is_busy(&e) {
+                            if turn::is_busy(&e) {
+                                opts.counters.lease_waits.inc();
+                            } else {
                                 tracing::warn!("turn {agent}: {e}");
                                 eprintln!("{} {agent} error: {e}", clock::now());
                             }
@@ -188,8 +194,11 @@ fn schedule(
         let Some(s) = sessions::get(&store.conn, &agent)? else {
             continue;
         };
-        if s.state().is_some_and(State::is_finished) || lease::is_held(&ctx.root.lock_path(&agent))
-        {
+        if s.state().is_some_and(State::is_finished) {
+            continue;
+        }
+        if lease::is_held(&ctx.root.lock_path(&agent)) {
+            opts.counters.lease_waits.inc();
             continue;
         }
         let (tx, rx) = watch::channel(AbortRequest::None);

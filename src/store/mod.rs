@@ -17,6 +17,7 @@ pub mod pg;
 pub mod schema;
 pub mod sessions;
 pub mod turns;
+pub mod views;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

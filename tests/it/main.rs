@@ -4,6 +4,7 @@
 
 mod ending;
 mod foundation;
+mod http;
 mod mail_serve;
 mod ops;
 mod overstory;
