@@ -19,23 +19,7 @@ fn script_agent(t: &TestRoot, name: &str, lines: &[&str]) {
         }
         script.push('\n');
     }
-    let path = t.path().join(format!("{name}.sh"));
-    std::fs::write(&path, script).unwrap();
-    let worktree = t.path().display().to_string();
-    let script_path = path.display().to_string();
-    t.run([
-        "agent",
-        "add",
-        name,
-        "--capability",
-        "builder",
-        "--worktree",
-        &worktree,
-        "--command",
-        "/bin/sh",
-        &script_path,
-    ])
-    .status(0);
+    crate::ending::script_agent(t, name, &script);
 }
 
 #[test]
