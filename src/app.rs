@@ -43,13 +43,14 @@ async fn run(cli: Cli) -> Result<i32> {
     for name in cli.command.agent_names() {
         crate::root::check_name(name)?;
     }
-    let ctx = Ctx::new(&cli.root, json)?;
+    let mut ctx = Ctx::new(&cli.root, json)?;
+    if let Some(url) = &cli.store {
+        ctx.config.set_store_url(url, "--store")?;
+    }
     Ok(match cli.command {
         Command::Demo | Command::FakeAgent(_) => unreachable!("handled above"),
-        Command::Init => emit(
-            &report::Initialized {
-                root: ops::init(&ctx)?,
-            },
+        Command::Init(i) => emit(
+            &ops::init(&ctx, i.save.then_some(cli.store).flatten())?,
             json,
         ),
         Command::Agent(AgentCmd::Add(a)) => emit(&ops::agent_add(&ctx, a.into())?, json),

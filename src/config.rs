@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::Backend;
+
 use crate::clock::{parse_duration, parse_size};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,7 @@ struct RawFile {
     retry: Option<RawRetry>,
     sweep: Option<RawSweep>,
     serve: Option<RawServe>,
+    store: Option<RawStore>,
     runtime: Option<BTreeMap<String, RawRuntime>>,
 }
 
@@ -63,6 +66,13 @@ struct RawSweep {
 struct RawServe {
     poll: Option<String>,
     max_concurrent: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+    schema: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -107,7 +117,13 @@ pub struct Config {
     pub claude: RuntimeConfig,
     pub codex: RuntimeConfig,
     pub gemini: RuntimeConfig,
+    /// Where the tables live (`[store] url`/`schema`, `RUNNER_STORE_URL`,
+    /// `--store`; SPEC §12.1).
+    pub store: Backend,
 }
+
+/// The default PostgreSQL schema (SPEC §12.1).
+pub const DEFAULT_SCHEMA: &str = "runner";
 
 pub const DEFAULT_STALL: Duration = Duration::from_secs(600);
 
@@ -138,6 +154,7 @@ impl Default for Config {
             claude: rt("claude"),
             codex: rt("codex"),
             gemini: rt("gemini"),
+            store: Backend::Sqlite,
         }
     }
 }
@@ -186,6 +203,22 @@ impl Config {
         Ok(c)
     }
 
+    /// The schema configured so far (default `runner`).
+    fn store_schema(&self) -> &str {
+        match &self.store {
+            Backend::Postgres { schema, .. } => schema,
+            Backend::Sqlite => DEFAULT_SCHEMA,
+        }
+    }
+
+    /// Sets the store URL from `source` (a file key, a variable, `--store`),
+    /// keeping the configured schema.
+    pub fn set_store_url(&mut self, url: &str, source: &str) -> Result<(), ConfigError> {
+        let schema = self.store_schema().to_string();
+        self.store = Backend::parse(url, &schema).map_err(|e| err(source, "store.url", e))?;
+        Ok(())
+    }
+
     fn apply_file(&mut self, raw: RawFile, f: &str) -> Result<(), ConfigError> {
         if let Some(t) = raw.turn {
             if let Some(v) = t.stall_timeout {
@@ -225,6 +258,11 @@ impl Config {
             if let Some(v) = s.ceiling {
                 self.sweep_ceiling = dur(f, "sweep.ceiling", &v)?;
             }
+        }
+        if let Some(s) = raw.store {
+            let schema = s.schema.unwrap_or_else(|| DEFAULT_SCHEMA.into());
+            let url = s.url.unwrap_or_else(|| "sqlite".into());
+            self.store = Backend::parse(&url, &schema).map_err(|e| err(f, "store", e))?;
         }
         if let Some(s) = raw.serve {
             if let Some(v) = s.poll {
@@ -291,6 +329,7 @@ impl Config {
                     })?
                 }
                 "RUNNER_RETRY_BACKOFF_BASE" => self.backoff_base = d("retry.backoff_base")?,
+                "RUNNER_STORE_URL" => self.set_store_url(v, &src)?,
                 "RUNNER_SWEEP_EVERY" => self.sweep_every = d("sweep.every")?,
                 "RUNNER_SWEEP_CEILING" => self.sweep_ceiling = d("sweep.ceiling")?,
                 "RUNNER_SERVE_POLL" => self.serve_poll = d("serve.poll")?,

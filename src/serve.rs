@@ -57,15 +57,18 @@ const BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 /// Waits for SIGINT/SIGTERM; returns a receiver counting signals.
 pub fn signal_counter() -> watch::Receiver<u32> {
+    use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = watch::channel(0u32);
+    // Registered here, not in the task: a signal that arrives before the
+    // task first runs (e.g. `stop` right after the lease is taken) must be
+    // counted, not kill the process with the default action.
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return rx;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
         loop {
             tokio::select! {
                 _ = int.recv() => {}

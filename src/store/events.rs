@@ -12,10 +12,10 @@ use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, params};
 use serde::Serialize;
 
-use super::{Ctx, Result, StoreError, immediate, open_conn, schema};
+use super::db::{Db, ToValue, params};
+use super::{Backend, Ctx, Result, StoreError, immediate, open_conn, schema};
 
 /// One row for `events`, without the columns common to a turn.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -45,15 +45,23 @@ pub struct Batch {
     pub rows: Vec<EventRow>,
 }
 
-pub fn open(root: &Path) -> Result<Connection> {
+pub fn open(root: &Path) -> Result<Db> {
+    open_backend(root, &Backend::Sqlite)
+}
+
+/// `events.db` under `root`, or the PostgreSQL schema `backend` names.
+pub fn open_backend(root: &Path, backend: &Backend) -> Result<Db> {
+    if let Some(db) = backend.connect_pg()? {
+        return Ok(db);
+    }
     let path = root.join("events.db");
     let mut conn = open_conn(&path)?;
     schema::migrate_events(&mut conn, &path)?;
-    Ok(conn)
+    Ok(Db::Sqlite(conn))
 }
 
 /// Writes rows directly (small writes: turn_start, turn_end, replays).
-pub fn insert_rows(conn: &mut Connection, tag: &TurnTag, batch: &Batch) -> Result<usize> {
+pub fn insert_rows(conn: &mut Db, tag: &TurnTag, batch: &Batch) -> Result<usize> {
     immediate(conn, "writing events", |tx| write_batch(tx, tag, batch))
 }
 
@@ -85,12 +93,15 @@ fn insert_sql(n: usize) -> String {
     sql
 }
 
-fn write_batch(conn: &Connection, tag: &TurnTag, b: &Batch) -> Result<usize> {
+fn write_batch(conn: &Db, tag: &TurnTag, b: &Batch) -> Result<usize> {
     write_batches(conn, tag, std::slice::from_ref(b))
 }
 
 /// Writes every row of `batches`, in order, 64 rows per statement.
-fn write_batches(conn: &Connection, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
+fn write_batches(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
+    let Some(conn) = db.sqlite() else {
+        return write_batches_pg(db, tag, batches);
+    };
     let all: Vec<(&Batch, &EventRow)> = batches
         .iter()
         .flat_map(|b| b.rows.iter().map(move |r| (b, r)))
@@ -125,10 +136,41 @@ fn write_batches(conn: &Connection, tag: &TurnTag, batches: &[Batch]) -> Result<
     Ok(all.len())
 }
 
+/// PostgreSQL: the same multi-row INSERT, through the store seam.
+fn write_batches_pg(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
+    let all: Vec<(&Batch, &EventRow)> = batches
+        .iter()
+        .flat_map(|b| b.rows.iter().map(move |r| (b, r)))
+        .collect();
+    for chunk in all.chunks(CHUNK) {
+        let sql = if chunk.len() == CHUNK {
+            std::borrow::Cow::Borrowed(FULL_CHUNK_SQL.get_or_init(|| insert_sql(CHUNK)).as_str())
+        } else {
+            std::borrow::Cow::Owned(insert_sql(chunk.len()))
+        };
+        let mut values: Vec<&dyn ToValue> = vec![&tag.run_id, &tag.agent_name, &tag.turn_id];
+        for (b, r) in chunk {
+            values.extend_from_slice(params![
+                b.session_id,
+                b.created_at,
+                r.event_type,
+                r.tool_name,
+                r.tool_args,
+                r.tool_duration_ms,
+                r.level,
+                r.data,
+                r.line_no
+            ]);
+        }
+        db.execute(&sql, &values).ctx("writing events")?;
+    }
+    Ok(all.len())
+}
+
 /// Handle to the writer thread.
 pub struct Writer {
     tx: Option<SyncSender<Batch>>,
-    handle: Option<std::thread::JoinHandle<(Result<u64>, Connection)>>,
+    handle: Option<std::thread::JoinHandle<(Result<u64>, Db)>>,
 }
 
 /// Rows committed in one transaction at most (SPEC §6.1: every 512 events).
@@ -139,7 +181,7 @@ pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
 impl Writer {
     /// Starts the writer thread on `conn` (the turn's own connection to
     /// `events.db`, handed back by [`Writer::finish`]).
-    pub fn start(conn: Connection, tag: TurnTag) -> Result<Writer> {
+    pub fn start(conn: Db, tag: TurnTag) -> Result<Writer> {
         // A batch holds at most 512 rows or 64 KiB of lines: 16 of them bound
         // the backlog between a fast agent and the writer to a few MiB.
         let (tx, rx) = sync_channel::<Batch>(16);
@@ -177,7 +219,7 @@ impl Writer {
 
     /// Closes the queue, waits for the last commit; returns the rows written
     /// and the connection (none if the thread panicked).
-    pub fn finish(mut self) -> (Result<u64>, Option<Connection>) {
+    pub fn finish(mut self) -> (Result<u64>, Option<Db>) {
         self.tx.take();
         match self.handle.take().map(|h| h.join()) {
             Some(Ok((r, conn))) => (r, Some(conn)),
@@ -193,7 +235,7 @@ impl Writer {
     }
 }
 
-fn run_writer(conn: &mut Connection, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
+fn run_writer(conn: &mut Db, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
     let mut total = 0u64;
     let mut pending: Vec<Batch> = Vec::new();
     let mut rows = 0usize;
@@ -219,12 +261,10 @@ fn run_writer(conn: &mut Connection, tag: TurnTag, rx: Receiver<Batch>) -> Resul
             Err(RecvTimeoutError::Disconnected) => true,
         };
         if !pending.is_empty() && (closed || rows >= MAX_ROWS_PER_COMMIT || Instant::now() >= due) {
-            let tx = conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .ctx("writing events")?;
-            write_batches(&tx, &tag, &pending)?;
+            immediate(conn, "writing events", |tx| {
+                write_batches(tx, &tag, &pending)
+            })?;
             pending.clear();
-            tx.commit().ctx("committing events")?;
             total += rows as u64;
             rows = 0;
         }
@@ -261,60 +301,54 @@ pub struct EventFilter {
 }
 
 /// Events oldest first (the newest `limit` when no `after_id` is given).
-pub fn list(conn: &Connection, f: &EventFilter) -> Result<Vec<StoredEvent>> {
+pub fn list(conn: &Db, f: &EventFilter) -> Result<Vec<StoredEvent>> {
     let sql = "SELECT * FROM (SELECT id, run_id, agent_name, session_id, event_type, tool_name, tool_args, \
         tool_duration_ms, level, data, created_at, turn_id, line_no FROM events \
-        WHERE (?1 IS NULL OR agent_name=?1) AND (?2 IS NULL OR turn_id=?2) AND (?3 IS NULL OR event_type=?3) \
-        AND id > ?4 ORDER BY id DESC LIMIT ?5) ORDER BY id";
+        WHERE (CAST(?1 AS TEXT) IS NULL OR agent_name=?1) AND (CAST(?2 AS TEXT) IS NULL OR turn_id=?2) AND (CAST(?3 AS TEXT) IS NULL OR event_type=?3) \
+        AND id > ?4 ORDER BY id DESC LIMIT ?5) AS newest ORDER BY id";
     let sql_follow = "SELECT id, run_id, agent_name, session_id, event_type, tool_name, tool_args, \
         tool_duration_ms, level, data, created_at, turn_id, line_no FROM events \
-        WHERE (?1 IS NULL OR agent_name=?1) AND (?2 IS NULL OR turn_id=?2) AND (?3 IS NULL OR event_type=?3) \
+        WHERE (CAST(?1 AS TEXT) IS NULL OR agent_name=?1) AND (CAST(?2 AS TEXT) IS NULL OR turn_id=?2) AND (CAST(?3 AS TEXT) IS NULL OR event_type=?3) \
         AND id > ?4 ORDER BY id LIMIT ?5";
-    let mut st = conn
-        .prepare_cached(if f.after_id > 0 { sql_follow } else { sql })
-        .ctx("reading events")?;
-    let rows = st
-        .query_map(
-            params![f.agent, f.turn, f.event_type, f.after_id, f.limit],
-            |r| {
-                Ok(StoredEvent {
-                    id: r.get(0)?,
-                    run_id: r.get(1)?,
-                    agent_name: r.get(2)?,
-                    session_id: r.get(3)?,
-                    event_type: r.get(4)?,
-                    tool_name: r.get(5)?,
-                    tool_args: r.get(6)?,
-                    tool_duration_ms: r.get(7)?,
-                    level: r.get(8)?,
-                    data: r.get(9)?,
-                    created_at: r.get(10)?,
-                    turn_id: r.get(11)?,
-                    line_no: r.get(12)?,
-                })
-            },
-        )
-        .ctx("reading events")?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .ctx("reading events")?;
-    Ok(rows)
+    conn.query_map(
+        if f.after_id > 0 { sql_follow } else { sql },
+        params![f.agent, f.turn, f.event_type, f.after_id, f.limit],
+        |r| {
+            Ok(StoredEvent {
+                id: r.get(0)?,
+                run_id: r.get(1)?,
+                agent_name: r.get(2)?,
+                session_id: r.get(3)?,
+                event_type: r.get(4)?,
+                tool_name: r.get(5)?,
+                tool_args: r.get(6)?,
+                tool_duration_ms: r.get(7)?,
+                level: r.get(8)?,
+                data: r.get(9)?,
+                created_at: r.get(10)?,
+                turn_id: r.get(11)?,
+                line_no: r.get(12)?,
+            })
+        },
+    )
+    .ctx("reading events")
 }
 
 /// The highest stdout line number of a turn already in `events` (0 if none).
-pub fn max_line_no(conn: &Connection, turn_id: &str) -> Result<i64> {
+pub fn max_line_no(conn: &Db, turn_id: &str) -> Result<i64> {
     conn.query_row(
         "SELECT COALESCE(MAX(line_no), 0) FROM events WHERE turn_id=?1",
-        [turn_id],
+        params![turn_id],
         |r| r.get(0),
     )
     .ctx("reading events")
 }
 
 /// Rows of a turn in `events`.
-pub fn count_for_turn(conn: &Connection, turn_id: &str) -> Result<i64> {
+pub fn count_for_turn(conn: &Db, turn_id: &str) -> Result<i64> {
     conn.query_row(
         "SELECT COUNT(*) FROM events WHERE turn_id=?1",
-        [turn_id],
+        params![turn_id],
         |r| r.get(0),
     )
     .ctx("counting events")

@@ -55,7 +55,7 @@ pub struct Turn {
     /// The turn's own `sessions.db` connection.
     pub store: Store,
     /// Its `events.db` connection (lent to the writer thread while running).
-    pub events: Option<rusqlite::Connection>,
+    pub events: Option<crate::store::Db>,
     pub session: Session,
     pub cap: Capability,
     pub runtime: Box<dyn Runtime>,
@@ -217,7 +217,7 @@ fn claim_and_insert(
 }
 
 fn record_turn_start(
-    conn: &mut rusqlite::Connection,
+    conn: &mut crate::store::Db,
     tag: &TurnTag,
     row: &TurnRow,
     runtime: &str,
