@@ -120,6 +120,8 @@ pub struct Config {
     /// Where the tables live (`[store] url`/`schema`, `RUNNER_STORE_URL`,
     /// `--store`; SPEC §12.1).
     pub store: Backend,
+    /// `[store] schema` / `RUNNER_STORE_SCHEMA`, kept for a URL set later.
+    store_schema: String,
 }
 
 /// The default PostgreSQL schema (SPEC §12.1).
@@ -155,6 +157,7 @@ impl Default for Config {
             codex: rt("codex"),
             gemini: rt("gemini"),
             store: Backend::Sqlite,
+            store_schema: DEFAULT_SCHEMA.into(),
         }
     }
 }
@@ -203,19 +206,21 @@ impl Config {
         Ok(c)
     }
 
-    /// The schema configured so far (default `runner`).
-    fn store_schema(&self) -> &str {
-        match &self.store {
-            Backend::Postgres { schema, .. } => schema,
-            Backend::Sqlite => DEFAULT_SCHEMA,
-        }
+    /// Sets the store URL from `source` (a file key, a variable, `--store`),
+    /// with the configured schema.
+    pub fn set_store_url(&mut self, url: &str, source: &str) -> Result<(), ConfigError> {
+        self.store =
+            Backend::parse(url, &self.store_schema).map_err(|e| err(source, "store.url", e))?;
+        Ok(())
     }
 
-    /// Sets the store URL from `source` (a file key, a variable, `--store`),
-    /// keeping the configured schema.
-    pub fn set_store_url(&mut self, url: &str, source: &str) -> Result<(), ConfigError> {
-        let schema = self.store_schema().to_string();
-        self.store = Backend::parse(url, &schema).map_err(|e| err(source, "store.url", e))?;
+    /// Sets the schema, for the URL set now or later.
+    fn set_store_schema(&mut self, schema: &str, source: &str) -> Result<(), ConfigError> {
+        crate::store::pg::check_schema_name(schema).map_err(|e| err(source, "store.schema", e))?;
+        self.store_schema = schema.into();
+        if let Backend::Postgres { schema: s, .. } = &mut self.store {
+            *s = self.store_schema.clone();
+        }
         Ok(())
     }
 
@@ -260,9 +265,12 @@ impl Config {
             }
         }
         if let Some(s) = raw.store {
-            let schema = s.schema.unwrap_or_else(|| DEFAULT_SCHEMA.into());
-            let url = s.url.unwrap_or_else(|| "sqlite".into());
-            self.store = Backend::parse(&url, &schema).map_err(|e| err(f, "store", e))?;
+            if let Some(v) = s.schema {
+                self.set_store_schema(&v, f)?;
+            }
+            if let Some(v) = s.url {
+                self.set_store_url(&v, f)?;
+            }
         }
         if let Some(s) = raw.serve {
             if let Some(v) = s.poll {
@@ -329,7 +337,8 @@ impl Config {
                     })?
                 }
                 "RUNNER_RETRY_BACKOFF_BASE" => self.backoff_base = d("retry.backoff_base")?,
-                "RUNNER_STORE_URL" => self.set_store_url(v, &src)?,
+                // Applied after the loop, the schema before the URL.
+                "RUNNER_STORE_URL" | "RUNNER_STORE_SCHEMA" => {}
                 "RUNNER_SWEEP_EVERY" => self.sweep_every = d("sweep.every")?,
                 "RUNNER_SWEEP_CEILING" => self.sweep_ceiling = d("sweep.ceiling")?,
                 "RUNNER_SERVE_POLL" => self.serve_poll = d("serve.poll")?,
@@ -345,6 +354,12 @@ impl Config {
                     }
                 }
             }
+        }
+        if let Some(v) = vars.get("RUNNER_STORE_SCHEMA") {
+            self.set_store_schema(v, "environment variable RUNNER_STORE_SCHEMA")?;
+        }
+        if let Some(v) = vars.get("RUNNER_STORE_URL") {
+            self.set_store_url(v, "environment variable RUNNER_STORE_URL")?;
         }
         Ok(())
     }

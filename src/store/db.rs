@@ -208,6 +208,11 @@ impl FromCell for bool {
         i64::from_cell(c).map(|i| i != 0)
     }
 }
+impl FromCell for Cell {
+    fn from_cell(c: Cell) -> Result<Self, String> {
+        Ok(c)
+    }
+}
 impl<T: FromCell> FromCell for Option<T> {
     fn from_cell(c: Cell) -> Result<Self, String> {
         match c {
@@ -248,6 +253,18 @@ pub enum Row<'a> {
 }
 
 impl Row<'_> {
+    /// Columns in the row.
+    pub fn len(&self) -> usize {
+        match self {
+            Row::Sqlite(r) => r.as_ref().column_count(),
+            Row::Pg(r) => r.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn get<T: FromCell>(&self, i: usize) -> DbResult<T> {
         let cell = match self {
             Row::Sqlite(r) => Cell::from(r.get_ref(i)?),
