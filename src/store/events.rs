@@ -102,16 +102,9 @@ fn write_batches(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
     let Some(conn) = db.sqlite() else {
         return write_batches_pg(db, tag, batches);
     };
-    let all: Vec<(&Batch, &EventRow)> = batches
-        .iter()
-        .flat_map(|b| b.rows.iter().map(move |r| (b, r)))
-        .collect();
+    let all = rows_of(batches);
     for chunk in all.chunks(CHUNK) {
-        let sql = if chunk.len() == CHUNK {
-            std::borrow::Cow::Borrowed(FULL_CHUNK_SQL.get_or_init(|| insert_sql(CHUNK)).as_str())
-        } else {
-            std::borrow::Cow::Owned(insert_sql(chunk.len()))
-        };
+        let sql = chunk_sql(chunk.len());
         let mut st = conn.prepare_cached(&sql).ctx("writing events")?;
         let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
             st.raw_bind_parameter(1, &tag.run_id)?;
@@ -136,18 +129,28 @@ fn write_batches(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
     Ok(all.len())
 }
 
-/// PostgreSQL: the same multi-row INSERT, through the store seam.
-fn write_batches_pg(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
-    let all: Vec<(&Batch, &EventRow)> = batches
+/// Every row of `batches` with its batch, in order.
+fn rows_of(batches: &[Batch]) -> Vec<(&Batch, &EventRow)> {
+    batches
         .iter()
         .flat_map(|b| b.rows.iter().map(move |r| (b, r)))
-        .collect();
+        .collect()
+}
+
+/// The INSERT for a chunk of `n` rows (the full chunk's is built once).
+fn chunk_sql(n: usize) -> std::borrow::Cow<'static, str> {
+    if n == CHUNK {
+        std::borrow::Cow::Borrowed(FULL_CHUNK_SQL.get_or_init(|| insert_sql(CHUNK)).as_str())
+    } else {
+        std::borrow::Cow::Owned(insert_sql(n))
+    }
+}
+
+/// PostgreSQL: the same multi-row INSERT, through the store seam.
+fn write_batches_pg(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<usize> {
+    let all = rows_of(batches);
     for chunk in all.chunks(CHUNK) {
-        let sql = if chunk.len() == CHUNK {
-            std::borrow::Cow::Borrowed(FULL_CHUNK_SQL.get_or_init(|| insert_sql(CHUNK)).as_str())
-        } else {
-            std::borrow::Cow::Owned(insert_sql(chunk.len()))
-        };
+        let sql = chunk_sql(chunk.len());
         let mut values: Vec<&dyn ToValue> = vec![&tag.run_id, &tag.agent_name, &tag.turn_id];
         for (b, r) in chunk {
             values.extend_from_slice(params![

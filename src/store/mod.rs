@@ -1,5 +1,7 @@
-//! The three SQLite stores: `sessions.db` (sessions, turns), `mail.db`
-//! (messages and their claims) and `events.db` (events).
+//! The stores: by default three SQLite files — `sessions.db` (sessions,
+//! turns), `mail.db` (messages and their claims) and `events.db` (events) —
+//! or, in fleet mode, one PostgreSQL schema holding the same tables
+//! ([`Backend`]; every statement goes through the seam [`db::Db`]).
 //!
 //! Owns schemas, idempotent migrations (`PRAGMA user_version`), connection
 //! settings (WAL, `synchronous=NORMAL`, 5 s busy timeout) and every SQL

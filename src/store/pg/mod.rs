@@ -7,9 +7,9 @@
 //! migrations run in one transaction under an advisory lock, so hosts that
 //! open at once migrate once; a schema that holds tables but no
 //! `runner_meta` is not ours and is never written; a schema from a newer
-//! runner is refused. Non-goal (yet): running turns on PostgreSQL — the
-//! store seam that lets every command use this backend is the next step
-//! (see README, "Fleet mode: status").
+//! runner is refused; a server out of connection slots is retried briefly,
+//! then reported as busy. Queries go through the store seam
+//! ([`super::db::Db`]); this module only connects, migrates and copies.
 
 pub mod copy;
 pub mod schema;
