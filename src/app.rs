@@ -186,13 +186,16 @@ async fn follow_events(ctx: &Ctx, e: EventsArgs) -> Result<i32> {
     let mut last_id = first.last().map(|r| r.id).unwrap_or(0);
     f.limit = 1000;
     let mut signals = serve::signal_counter();
+    // One connection for the whole follow: polling never reconnects (on
+    // PostgreSQL a connect is a round trip and a migration check).
+    let conn = ctx.events()?;
     loop {
         tokio::select! {
             _ = signals.changed() => return Ok(0),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        let new = ops::events(
-            ctx,
+        let new = crate::store::events::list(
+            &conn,
             &EventFilter {
                 after_id: last_id,
                 ..f.clone()

@@ -290,9 +290,18 @@ impl Backend {
         let Backend::Postgres { url, schema } = self else {
             return Ok(None);
         };
+        // A process migrates a schema once; later opens (serve's polls, a
+        // follow) only connect.
+        static MIGRATED: std::sync::Mutex<Vec<(String, String)>> =
+            std::sync::Mutex::new(Vec::new());
+        let key = (url.clone(), schema.clone());
         let client = db::off_runtime(|| -> std::result::Result<_, pg::PgError> {
             let mut client = pg::connect(url, schema)?;
-            pg::schema::migrate(&mut client, url, schema)?;
+            let mut migrated = MIGRATED.lock().unwrap_or_else(|e| e.into_inner());
+            if !migrated.contains(&key) {
+                pg::schema::migrate(&mut client, url, schema)?;
+                migrated.push(key);
+            }
             Ok(client)
         })?;
         Ok(Some(Db::pg(client)))
