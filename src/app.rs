@@ -71,17 +71,18 @@ async fn run(cli: Cli) -> Result<i32> {
     for name in cli.command.agent_names() {
         crate::root::check_name(name)?;
     }
-    let ctx = Ctx::new(&cli.root, json)?;
+    let mut ctx = Ctx::new(&cli.root, json)?;
+    if let Some(url) = &cli.store {
+        ctx.config.set_store_url(url, "--store")?;
+    }
     Ok(match cli.command {
         Command::Demo
         | Command::FakeAgent(_)
         | Command::Completions { .. }
         | Command::Man
         | Command::Doctor => unreachable!("handled above"),
-        Command::Init => emit(
-            &report::Initialized {
-                root: ops::init(&ctx)?,
-            },
+        Command::Init(i) => emit(
+            &ops::init(&ctx, i.save.then_some(cli.store).flatten())?,
             json,
         ),
         Command::Agent(AgentCmd::Add(a)) => emit(&ops::agent_add(&ctx, a.into())?, json),
@@ -236,13 +237,16 @@ async fn follow_events(ctx: &Ctx, e: EventsArgs) -> Result<i32> {
     let mut last_id = first.last().map(|r| r.id).unwrap_or(0);
     f.limit = 1000;
     let mut signals = serve::signal_counter();
+    // One connection for the whole follow: polling never reconnects (on
+    // PostgreSQL a connect is a round trip and a migration check).
+    let conn = ctx.events()?;
     loop {
         tokio::select! {
             _ = signals.changed() => return Ok(0),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        let new = ops::events(
-            ctx,
+        let new = crate::store::events::list(
+            &conn,
             &EventFilter {
                 after_id: last_id,
                 ..f.clone()

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use rusqlite::Connection;
+use crate::store::Db;
 
 use crate::clock::format_ts;
 use crate::store::Result;
@@ -61,7 +61,7 @@ pub struct Settled {
 
 /// Applies `fate` to the open claims of `scope`, in the caller's transaction.
 pub fn settle(
-    conn: &Connection,
+    conn: &Db,
     scope: Scope<'_>,
     fate: Fate,
     now: SystemTime,

@@ -22,6 +22,10 @@ pub struct Cli {
     /// The root directory (env RUNNER_ROOT; default .runner).
     #[arg(long, global = true, env = "RUNNER_ROOT", default_value = ".runner")]
     pub root: PathBuf,
+    /// Where the tables live: `sqlite` (the files under the root) or a
+    /// `postgres://` URL (env RUNNER_STORE_URL; config `[store] url`).
+    #[arg(long, global = true, value_name = "URL")]
+    pub store: Option<String>,
     /// Print one JSON document on stdout.
     #[arg(long, global = true)]
     pub json: bool,
@@ -35,12 +39,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Write the `--store` URL into the root's config.toml as `[store] url`.
+    #[arg(long)]
+    pub save: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// A complete turn on a throw-away root with the built-in fake agent.
     Demo,
-    /// Create the root and its databases.
-    Init,
+    /// Create the root and its databases (or the PostgreSQL schema).
+    Init(InitArgs),
     /// Register and inspect agents.
     #[command(subcommand)]
     Agent(AgentCmd),
@@ -101,7 +112,7 @@ impl Command {
             Command::Mail(MailCmd::List(l)) => v.extend([l.to.as_ref(), l.from.as_ref()]),
             Command::Mail(MailCmd::Check { agent }) => v.push(Some(agent)),
             Command::Demo
-            | Command::Init
+            | Command::Init(_)
             | Command::Serve(_)
             | Command::Sweep(_)
             | Command::Web(_)

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::Backend;
+
 use crate::clock::{parse_duration, parse_size};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,7 @@ struct RawFile {
     sweep: Option<RawSweep>,
     serve: Option<RawServe>,
     http: Option<RawHttp>,
+    store: Option<RawStore>,
     runtime: Option<BTreeMap<String, RawRuntime>>,
 }
 
@@ -73,6 +76,13 @@ struct RawHttp {
     token: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+    schema: Option<String>,
+}
+
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
@@ -86,7 +96,7 @@ struct RawRuntime {
 /// Every key config.toml accepts, by section (`runtime` sections take
 /// [`RUNTIME_KEYS`]). Kept next to the `Raw*` structs; a test checks that
 /// the parser accepts each one.
-pub const KNOWN_KEYS: [(&str, &[&str]); 5] = [
+pub const KNOWN_KEYS: [(&str, &[&str]); 6] = [
     (
         "turn",
         &[
@@ -102,6 +112,7 @@ pub const KNOWN_KEYS: [(&str, &[&str]); 5] = [
     ("sweep", &["every", "ceiling"]),
     ("serve", &["poll", "max_concurrent", "http"]),
     ("http", &["token"]),
+    ("store", &["url", "schema"]),
 ];
 pub const RUNTIME_KEYS: [&str; 5] = ["bin", "args", "env", "permission_mode", "unattended"];
 pub const RUNTIME_NAMES: [&str; 3] = ["claude", "codex", "gemini"];
@@ -223,7 +234,15 @@ pub struct Config {
     pub claude: RuntimeConfig,
     pub codex: RuntimeConfig,
     pub gemini: RuntimeConfig,
+    /// Where the tables live (`[store] url`/`schema`, `RUNNER_STORE_URL`,
+    /// `--store`; SPEC §12.1).
+    pub store: Backend,
+    /// `[store] schema` / `RUNNER_STORE_SCHEMA`, kept for a URL set later.
+    store_schema: String,
 }
+
+/// The default PostgreSQL schema (SPEC §12.1).
+pub const DEFAULT_SCHEMA: &str = "runner";
 
 pub const DEFAULT_STALL: Duration = Duration::from_secs(600);
 
@@ -256,6 +275,8 @@ impl Default for Config {
             claude: rt("claude"),
             codex: rt("codex"),
             gemini: rt("gemini"),
+            store: Backend::Sqlite,
+            store_schema: DEFAULT_SCHEMA.into(),
         }
     }
 }
@@ -321,6 +342,24 @@ impl Config {
         Ok(c)
     }
 
+    /// Sets the store URL from `source` (a file key, a variable, `--store`),
+    /// with the configured schema.
+    pub fn set_store_url(&mut self, url: &str, source: &str) -> Result<(), ConfigError> {
+        self.store =
+            Backend::parse(url, &self.store_schema).map_err(|e| err(source, "store.url", e))?;
+        Ok(())
+    }
+
+    /// Sets the schema, for the URL set now or later.
+    fn set_store_schema(&mut self, schema: &str, source: &str) -> Result<(), ConfigError> {
+        crate::store::pg::check_schema_name(schema).map_err(|e| err(source, "store.schema", e))?;
+        self.store_schema = schema.into();
+        if let Backend::Postgres { schema: s, .. } = &mut self.store {
+            *s = self.store_schema.clone();
+        }
+        Ok(())
+    }
+
     fn apply_file(&mut self, raw: RawFile, f: &str) -> Result<(), ConfigError> {
         if let Some(t) = raw.turn {
             if let Some(v) = t.stall_timeout {
@@ -359,6 +398,14 @@ impl Config {
             }
             if let Some(v) = s.ceiling {
                 self.sweep_ceiling = dur(f, "sweep.ceiling", &v)?;
+            }
+        }
+        if let Some(s) = raw.store {
+            if let Some(v) = s.schema {
+                self.set_store_schema(&v, f)?;
+            }
+            if let Some(v) = s.url {
+                self.set_store_url(&v, f)?;
             }
         }
         if let Some(s) = raw.serve {
@@ -434,6 +481,8 @@ impl Config {
                     })?
                 }
                 "RUNNER_RETRY_BACKOFF_BASE" => self.backoff_base = d("retry.backoff_base")?,
+                // Applied after the loop, the schema before the URL.
+                "RUNNER_STORE_URL" | "RUNNER_STORE_SCHEMA" => {}
                 "RUNNER_SWEEP_EVERY" => self.sweep_every = d("sweep.every")?,
                 "RUNNER_SWEEP_CEILING" => self.sweep_ceiling = d("sweep.ceiling")?,
                 "RUNNER_SERVE_POLL" => self.serve_poll = d("serve.poll")?,
@@ -451,6 +500,12 @@ impl Config {
                     }
                 }
             }
+        }
+        if let Some(v) = vars.get("RUNNER_STORE_SCHEMA") {
+            self.set_store_schema(v, "environment variable RUNNER_STORE_SCHEMA")?;
+        }
+        if let Some(v) = vars.get("RUNNER_STORE_URL") {
+            self.set_store_url(v, "environment variable RUNNER_STORE_URL")?;
         }
         Ok(())
     }
@@ -565,6 +620,8 @@ mod tests {
                 "bin" | "permission_mode" => "\"x\"",
                 "http" => "\"127.0.0.1:9000\"",
                 "token" => "\"abcdefghijklmnop\"",
+                "url" => "\"sqlite\"",
+                "schema" => "\"runner\"",
                 _ => "\"1s\"",
             };
             let text = format!("[{table}]\n{leaf} = {value}\n");

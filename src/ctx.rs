@@ -23,11 +23,14 @@ impl Ctx {
     }
 
     pub fn store(&self) -> Result<Store> {
-        Ok(Store::open(&self.root.dir)?)
+        Ok(Store::open_backend(&self.root.dir, &self.config.store)?)
     }
 
-    pub fn events(&self) -> Result<rusqlite::Connection> {
-        Ok(crate::store::events::open(&self.root.dir)?)
+    pub fn events(&self) -> Result<crate::store::Db> {
+        Ok(crate::store::events::open_backend(
+            &self.root.dir,
+            &self.config.store,
+        )?)
     }
 }
 

@@ -27,7 +27,7 @@ pub async fn run(json: bool) -> Result<i32> {
         }
     };
     say(&format!("A throw-away root: {}", dir.display()));
-    ops::init(&ctx)?;
+    ops::init(&ctx, None)?;
     let worktree = dir.join("worktree");
     crate::root::private_dir(&worktree)?;
     say(

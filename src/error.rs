@@ -132,17 +132,21 @@ pub fn exit_code(e: &Error) -> i32 {
         Error::Lease(LeaseError::Busy { .. }) => 4,
         Error::Lease(LeaseError::Io { .. }) => 2,
         Error::Internal(_) => 70,
-        // A server that does not answer is "busy": try again later. One that
-        // answers no, a bad URL, or a schema that is not ours is bad input.
-        Error::Pg(PgError::Unreachable { .. }) => 4,
-        Error::Pg(
-            PgError::BadUrl { .. }
-            | PgError::Refused { .. }
-            | PgError::NotOurs { .. }
-            | PgError::Newer { .. }
-            | PgError::NotEmpty { .. },
-        ) => 2,
-        Error::Pg(PgError::Query { .. }) => 70,
+        Error::Pg(p) | Error::Store(StoreError::Pg(p)) => pg_exit_code(p),
+    }
+}
+
+/// A PostgreSQL server that does not answer is "busy": try again later. One
+/// that answers no, a bad URL, or a schema that is not ours is bad input.
+fn pg_exit_code(e: &PgError) -> i32 {
+    match e {
+        PgError::Unreachable { .. } => 4,
+        PgError::BadUrl { .. }
+        | PgError::Refused { .. }
+        | PgError::NotOurs { .. }
+        | PgError::Newer { .. }
+        | PgError::NotEmpty { .. } => 2,
+        PgError::Query { .. } => 70,
     }
 }
 

@@ -3,7 +3,7 @@
 //! Each validates its input completely before writing anything (SPEC §10.2)
 //! and returns data for `report` to print.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -15,16 +15,56 @@ use crate::lease::{self, LeaseInfo};
 use crate::root::check_name;
 use crate::runtime::RUNTIMES;
 use crate::state::State;
+use crate::store::Backend;
 use crate::store::events::{self as ev, EventFilter, StoredEvent};
 use crate::store::mail::{self as mailstore, ListFilter, Message, NewMessage};
 use crate::store::schema::{MAIL_TYPES, PRIORITIES};
 use crate::store::sessions::{self, NewSession, Session};
 use crate::store::turns::{self, TurnRow};
 
-pub fn init(ctx: &Ctx) -> Result<PathBuf> {
+/// `runner init [--store URL [--save]]`: creates (or migrates) the store;
+/// with `save`, records its URL as `[store] url` in config.toml.
+pub fn init(ctx: &Ctx, save: Option<String>) -> Result<crate::report::Initialized> {
     ctx.store()?;
     ctx.events()?;
-    Ok(ctx.root.dir.clone())
+    if let Some(url) = &save {
+        save_store_url(&ctx.root.dir.join("config.toml"), url, &ctx.config.store)?;
+    }
+    Ok(crate::report::Initialized {
+        root: ctx.root.dir.clone(),
+        store: ctx.config.store.describe(),
+        saved: save.is_some(),
+    })
+}
+
+/// Appends a `[store]` table to config.toml; a file that already has one is
+/// left alone (the user edits it), so nothing of theirs is rewritten.
+fn save_store_url(path: &Path, url: &str, backend: &Backend) -> Result<()> {
+    let existing = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(usage(format!("cannot read {}: {e}", path.display()))),
+    };
+    if existing.lines().any(|l| l.trim() == "[store]") {
+        return Err(usage(format!(
+            "{} already has a [store] table: edit it there (nothing written)",
+            path.display()
+        )));
+    }
+    let mut text = existing;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let quoted = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    text.push_str(&format!("\n[store]\nurl = {}\n", quoted(url)));
+    if let Backend::Postgres { schema, .. } = backend
+        && schema != crate::config::DEFAULT_SCHEMA
+    {
+        text.push_str(&format!("schema = {}\n", quoted(schema)));
+    }
+    // It may hold a password: created 0600 like the databases.
+    crate::store::create_private_file(path)?;
+    std::fs::write(path, text).map_err(|e| usage(format!("cannot write {}: {e}", path.display())))
 }
 
 pub struct AddRequest {
@@ -184,14 +224,7 @@ fn view(ctx: &Ctx, store: &crate::store::Store, s: Session) -> Result<AgentView>
     };
     let now = clock::now();
     let due = mailstore::due_count(&store.conn, &s.agent_name, &now)?;
-    let pending: i64 = store
-        .conn
-        .query_row(
-            "SELECT COUNT(*) FROM messages WHERE to_agent=?1 AND read=0 AND dead_at IS NULL",
-            [&s.agent_name],
-            |r| r.get(0),
-        )
-        .map_err(|e| crate::store::classify("counting mail", None, e))?;
+    let pending = mailstore::pending_count(&store.conn, &s.agent_name)?;
     Ok(AgentView {
         running,
         due_mail: due,

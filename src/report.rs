@@ -44,6 +44,10 @@ pub fn emit<R: Render>(r: &R, as_json: bool) -> i32 {
 #[derive(Debug, Serialize)]
 pub struct Initialized {
     pub root: std::path::PathBuf,
+    /// `sqlite`, or the PostgreSQL URL (password redacted) and schema.
+    pub store: String,
+    /// Whether `[store] url` was written to config.toml (`--save`).
+    pub saved: bool,
 }
 
 /// `runner mail send`.
@@ -79,7 +83,17 @@ pub struct MailBodies(pub Vec<Message>);
 
 impl Render for Initialized {
     fn human(&self) {
-        println!("initialized {}", self.root.display());
+        println!(
+            "initialized {} (store: {})",
+            self.root.display(),
+            self.store
+        );
+        if self.saved {
+            println!(
+                "saved [store] url in {}",
+                self.root.join("config.toml").display()
+            );
+        }
     }
 }
 

@@ -253,7 +253,7 @@ struct Replay {
 /// in `events`: each line the runner received ends up there exactly once.
 fn replay_lines(
     ctx: &Ctx,
-    ev: &mut rusqlite::Connection,
+    ev: &mut crate::store::Db,
     tag: &TurnTag,
     session: Option<&Session>,
 ) -> Result<Replay> {

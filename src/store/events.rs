@@ -14,10 +14,10 @@ use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, params};
 use serde::Serialize;
 
-use super::{Ctx, Result, StoreError, immediate, open_conn, schema};
+use super::db::{Db, ToValue, params};
+use super::{Backend, Ctx, Result, StoreError, immediate, open_conn, schema};
 
 /// One row for `events`, without the columns common to a turn.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -58,7 +58,15 @@ pub struct Batch {
     pub rows: Vec<EventRow>,
 }
 
-pub fn open(root: &Path) -> Result<Connection> {
+pub fn open(root: &Path) -> Result<Db> {
+    open_backend(root, &Backend::Sqlite)
+}
+
+/// `events.db` under `root`, or the PostgreSQL schema `backend` names.
+pub fn open_backend(root: &Path, backend: &Backend) -> Result<Db> {
+    if let Some(db) = backend.connect_pg()? {
+        return Ok(db);
+    }
     let path = root.join("events.db");
     let mut conn = open_conn(&path)?;
     schema::migrate_events(&mut conn, &path)?;
@@ -70,14 +78,14 @@ pub fn open(root: &Path) -> Result<Connection> {
     conn.pragma_update(None, "ignore_check_constraints", true)
         .ctx("configuring events.db")?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    Ok(conn)
+    Ok(Db::Sqlite(conn))
 }
 
 /// The levels `events.level` allows (overstory's CHECK).
 pub const LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
 
 /// Writes rows directly (small writes: turn_start, turn_end, replays).
-pub fn insert_rows(conn: &mut Connection, tag: &TurnTag, batch: &Batch) -> Result<usize> {
+pub fn insert_rows(conn: &mut Db, tag: &TurnTag, batch: &Batch) -> Result<usize> {
     immediate(conn, "writing events", |tx| {
         write_batches(
             tx,
@@ -168,7 +176,7 @@ impl StartIds {
 /// Writes every row of `batches`, in order, 64 rows per statement; then
 /// copies each finished call's duration onto its `tool_start` row.
 fn write_batches(
-    conn: &Connection,
+    db: &Db,
     tag: &TurnTag,
     batches: &[Batch],
     starts: &mut StartIds,
@@ -181,6 +189,38 @@ fn write_batches(
             source: rusqlite::Error::ToSqlConversionFailure(why.into()),
         });
     }
+    match db.sqlite() {
+        Some(conn) => insert_sqlite(conn, tag, batches, starts)?,
+        None => insert_pg(db, tag, batches)?,
+    }
+    let mut written = 0;
+    for r in all() {
+        written += 1;
+        if let (Some(at), Some(ms)) = (r.tool_start, r.tool_duration_ms) {
+            let id = match starts.ids.remove(&at) {
+                Some(id) => Some(id),
+                None => start_id(db, tag, at)?,
+            };
+            if let Some(id) = id {
+                db.execute(
+                    "UPDATE events SET tool_duration_ms=?1 WHERE id=?2",
+                    params![ms, id],
+                )
+                .ctx("writing a tool duration")?;
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// SQLite: raw binds on cached statements, and the ids of the chunk's
+/// `tool_start` rows noted for their `tool_end`.
+fn insert_sqlite(
+    conn: &rusqlite::Connection,
+    tag: &TurnTag,
+    batches: &[Batch],
+    starts: &mut StartIds,
+) -> Result<()> {
     for b in batches {
         for chunk in b.rows.chunks(CHUNK) {
             let mut st = conn
@@ -210,41 +250,55 @@ fn write_batches(
             starts.note(chunk, conn.last_insert_rowid());
         }
     }
-    let mut written = 0;
-    for r in all() {
-        written += 1;
-        if let (Some(at), Some(ms)) = (r.tool_start, r.tool_duration_ms) {
-            let id = match starts.ids.remove(&at) {
-                Some(id) => Some(id),
-                None => start_id(conn, tag, at)?,
-            };
-            if let Some(id) = id {
-                conn.prepare_cached("UPDATE events SET tool_duration_ms=?1 WHERE id=?2")
-                    .and_then(|mut st| st.execute(params![ms, id]))
-                    .ctx("writing a tool duration")?;
+    Ok(())
+}
+
+/// PostgreSQL: the same multi-row INSERT through the store seam (a
+/// `tool_start` row is found by its line for the duration).
+fn insert_pg(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<()> {
+    for b in batches {
+        for chunk in b.rows.chunks(CHUNK) {
+            let mut values: Vec<&dyn ToValue> = vec![
+                &tag.run_id,
+                &tag.agent_name,
+                &tag.turn_id,
+                &b.session_id,
+                &b.created_at,
+            ];
+            for r in chunk {
+                values.extend_from_slice(params![
+                    r.event_type,
+                    r.tool_name,
+                    r.tool_args,
+                    r.tool_duration_ms,
+                    r.level,
+                    r.data,
+                    r.line_no
+                ]);
             }
+            db.execute(chunk_sql(chunk.len()), &values)
+                .ctx("writing events")?;
         }
     }
-    Ok(written)
+    Ok(())
 }
 
 /// The id of a `tool_start` row, looked up (one seek on `idx_events_turn`).
-fn start_id(conn: &Connection, tag: &TurnTag, at: ToolStartRef) -> Result<Option<i64>> {
-    let mut st = conn
-        .prepare_cached(
+fn start_id(db: &Db, tag: &TurnTag, at: ToolStartRef) -> Result<Option<i64>> {
+    let ids = db
+        .query_map(
             "SELECT id FROM events WHERE turn_id=?1 AND line_no=?2 AND event_type='tool_start' ORDER BY id",
+            params![tag.turn_id, at.line_no],
+            |r| r.get::<i64>(0),
         )
         .ctx("reading events")?;
-    let mut ids = st
-        .query_map(params![tag.turn_id, at.line_no], |r| r.get::<_, i64>(0))
-        .ctx("reading events")?;
-    ids.nth(at.nth as usize).transpose().ctx("reading events")
+    Ok(ids.get(at.nth as usize).copied())
 }
 
 /// Handle to the writer thread.
 pub struct Writer {
     tx: Option<SyncSender<Batch>>,
-    handle: Option<std::thread::JoinHandle<(Result<u64>, Connection)>>,
+    handle: Option<std::thread::JoinHandle<(Result<u64>, Db)>>,
 }
 
 /// Rows committed in one transaction at most (SPEC §6.1: every 512 events).
@@ -255,7 +309,7 @@ pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
 impl Writer {
     /// Starts the writer thread on `conn` (the turn's own connection to
     /// `events.db`, handed back by [`Writer::finish`]).
-    pub fn start(conn: Connection, tag: TurnTag) -> Result<Writer> {
+    pub fn start(conn: Db, tag: TurnTag) -> Result<Writer> {
         // A batch holds at most 512 rows or 64 KiB of lines: 16 of them bound
         // the backlog between a fast agent and the writer to a few MiB.
         let (tx, rx) = sync_channel::<Batch>(16);
@@ -293,7 +347,7 @@ impl Writer {
 
     /// Closes the queue, waits for the last commit; returns the rows written
     /// and the connection (none if the thread panicked).
-    pub fn finish(mut self) -> (Result<u64>, Option<Connection>) {
+    pub fn finish(mut self) -> (Result<u64>, Option<Db>) {
         self.tx.take();
         match self.handle.take().map(|h| h.join()) {
             Some(Ok((r, conn))) => (r, Some(conn)),
@@ -309,7 +363,7 @@ impl Writer {
     }
 }
 
-fn run_writer(conn: &mut Connection, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
+fn run_writer(conn: &mut Db, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
     let mut total = 0u64;
     let mut starts = StartIds::default();
     let mut pending: Vec<Batch> = Vec::new();
@@ -336,12 +390,10 @@ fn run_writer(conn: &mut Connection, tag: TurnTag, rx: Receiver<Batch>) -> Resul
             Err(RecvTimeoutError::Disconnected) => true,
         };
         if !pending.is_empty() && (closed || rows >= MAX_ROWS_PER_COMMIT || Instant::now() >= due) {
-            let tx = conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .ctx("writing events")?;
-            write_batches(&tx, &tag, &pending, &mut starts)?;
+            immediate(conn, "writing events", |tx| {
+                write_batches(tx, &tag, &pending, &mut starts)
+            })?;
             pending.clear();
-            tx.commit().ctx("committing events")?;
             total += rows as u64;
             rows = 0;
         }
@@ -378,60 +430,54 @@ pub struct EventFilter {
 }
 
 /// Events oldest first (the newest `limit` when no `after_id` is given).
-pub fn list(conn: &Connection, f: &EventFilter) -> Result<Vec<StoredEvent>> {
+pub fn list(conn: &Db, f: &EventFilter) -> Result<Vec<StoredEvent>> {
     let sql = "SELECT * FROM (SELECT id, run_id, agent_name, session_id, event_type, tool_name, tool_args, \
         tool_duration_ms, level, data, created_at, turn_id, line_no FROM events \
-        WHERE (?1 IS NULL OR agent_name=?1) AND (?2 IS NULL OR turn_id=?2) AND (?3 IS NULL OR event_type=?3) \
-        AND id > ?4 ORDER BY id DESC LIMIT ?5) ORDER BY id";
+        WHERE (CAST(?1 AS TEXT) IS NULL OR agent_name=?1) AND (CAST(?2 AS TEXT) IS NULL OR turn_id=?2) AND (CAST(?3 AS TEXT) IS NULL OR event_type=?3) \
+        AND id > ?4 ORDER BY id DESC LIMIT ?5) AS newest ORDER BY id";
     let sql_follow = "SELECT id, run_id, agent_name, session_id, event_type, tool_name, tool_args, \
         tool_duration_ms, level, data, created_at, turn_id, line_no FROM events \
-        WHERE (?1 IS NULL OR agent_name=?1) AND (?2 IS NULL OR turn_id=?2) AND (?3 IS NULL OR event_type=?3) \
+        WHERE (CAST(?1 AS TEXT) IS NULL OR agent_name=?1) AND (CAST(?2 AS TEXT) IS NULL OR turn_id=?2) AND (CAST(?3 AS TEXT) IS NULL OR event_type=?3) \
         AND id > ?4 ORDER BY id LIMIT ?5";
-    let mut st = conn
-        .prepare_cached(if f.after_id > 0 { sql_follow } else { sql })
-        .ctx("reading events")?;
-    let rows = st
-        .query_map(
-            params![f.agent, f.turn, f.event_type, f.after_id, f.limit],
-            |r| {
-                Ok(StoredEvent {
-                    id: r.get(0)?,
-                    run_id: r.get(1)?,
-                    agent_name: r.get(2)?,
-                    session_id: r.get(3)?,
-                    event_type: r.get(4)?,
-                    tool_name: r.get(5)?,
-                    tool_args: r.get(6)?,
-                    tool_duration_ms: r.get(7)?,
-                    level: r.get(8)?,
-                    data: r.get(9)?,
-                    created_at: r.get(10)?,
-                    turn_id: r.get(11)?,
-                    line_no: r.get(12)?,
-                })
-            },
-        )
-        .ctx("reading events")?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .ctx("reading events")?;
-    Ok(rows)
+    conn.query_map(
+        if f.after_id > 0 { sql_follow } else { sql },
+        params![f.agent, f.turn, f.event_type, f.after_id, f.limit],
+        |r| {
+            Ok(StoredEvent {
+                id: r.get(0)?,
+                run_id: r.get(1)?,
+                agent_name: r.get(2)?,
+                session_id: r.get(3)?,
+                event_type: r.get(4)?,
+                tool_name: r.get(5)?,
+                tool_args: r.get(6)?,
+                tool_duration_ms: r.get(7)?,
+                level: r.get(8)?,
+                data: r.get(9)?,
+                created_at: r.get(10)?,
+                turn_id: r.get(11)?,
+                line_no: r.get(12)?,
+            })
+        },
+    )
+    .ctx("reading events")
 }
 
 /// The highest stdout line number of a turn already in `events` (0 if none).
-pub fn max_line_no(conn: &Connection, turn_id: &str) -> Result<i64> {
+pub fn max_line_no(conn: &Db, turn_id: &str) -> Result<i64> {
     conn.query_row(
         "SELECT COALESCE(MAX(line_no), 0) FROM events WHERE turn_id=?1",
-        [turn_id],
+        params![turn_id],
         |r| r.get(0),
     )
     .ctx("reading events")
 }
 
 /// Rows of a turn in `events`.
-pub fn count_for_turn(conn: &Connection, turn_id: &str) -> Result<i64> {
+pub fn count_for_turn(conn: &Db, turn_id: &str) -> Result<i64> {
     conn.query_row(
         "SELECT COUNT(*) FROM events WHERE turn_id=?1",
-        [turn_id],
+        params![turn_id],
         |r| r.get(0),
     )
     .ctx("counting events")
@@ -486,7 +532,8 @@ mod tests {
         (batch(first), batch(second))
     }
 
-    fn durations(conn: &Connection) -> Vec<(String, Option<i64>)> {
+    fn durations(db: &Db) -> Vec<(String, Option<i64>)> {
+        let conn = db.sqlite().unwrap();
         let mut st = conn
             .prepare("SELECT event_type, tool_duration_ms FROM events WHERE event_type LIKE 'tool_%' ORDER BY id")
             .unwrap();
@@ -508,9 +555,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut conn = open(d.path()).unwrap();
         let (a, b) = starts_and_ends();
-        let tx = conn.transaction().unwrap();
-        write_batches(&tx, &tag(), &[a, b], &mut StartIds::default()).unwrap();
-        tx.commit().unwrap();
+        immediate(&mut conn, "writing events", |tx| {
+            write_batches(tx, &tag(), &[a, b], &mut StartIds::default())
+        })
+        .unwrap();
         assert_eq!(durations(&conn), want);
         // Separate transactions without the noted ids (sweep replays): looked up.
         let d = tempfile::tempdir().unwrap();

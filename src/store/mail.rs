@@ -5,7 +5,7 @@
 //! turn's claims, or all claims of one agent for the sweep) and must run in
 //! the caller's transaction while the caller holds that agent's lease.
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use super::db::{Db, DbResult, Row, ToValue, params};
 use serde::Serialize;
 
 use super::{Ctx, Result};
@@ -63,7 +63,7 @@ const COLS: &str = "rowid, id, from_agent, to_agent, subject, body, type, priori
     payload, read, created_at, claimed_by, claimed_at, tries, process_after, delivered_at, dead_at, \
     last_error, turn_id";
 
-fn from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
+fn from_row(r: &Row<'_>) -> DbResult<Message> {
     Ok(Message {
         rowid: r.get(0)?,
         id: r.get(1)?,
@@ -75,11 +75,11 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
         priority: r.get(7)?,
         thread_id: r.get(8)?,
         payload: r.get(9)?,
-        read: r.get::<_, Option<i64>>(10)?.unwrap_or(0) != 0,
-        created_at: r.get::<_, Option<String>>(11)?.unwrap_or_default(),
+        read: r.get::<Option<i64>>(10)?.unwrap_or(0) != 0,
+        created_at: r.get::<Option<String>>(11)?.unwrap_or_default(),
         claimed_by: r.get(12)?,
         claimed_at: r.get(13)?,
-        tries: r.get::<_, Option<i64>>(14)?.unwrap_or(0),
+        tries: r.get::<Option<i64>>(14)?.unwrap_or(0),
         process_after: r.get(15)?,
         delivered_at: r.get(16)?,
         dead_at: r.get(17)?,
@@ -88,19 +88,8 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
     })
 }
 
-fn collect(
-    conn: &Connection,
-    sql: &str,
-    p: impl rusqlite::Params,
-    what: &str,
-) -> Result<Vec<Message>> {
-    let mut st = conn.prepare_cached(sql).ctx(what)?;
-    let rows = st
-        .query_map(p, from_row)
-        .ctx(what)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .ctx(what)?;
-    Ok(rows)
+fn collect(conn: &Db, sql: &str, p: &[&dyn ToValue], what: &str) -> Result<Vec<Message>> {
+    conn.query_map(sql, p, from_row).ctx(what)
 }
 
 #[derive(Debug, Clone)]
@@ -117,10 +106,10 @@ pub struct NewMessage {
 }
 
 /// Inserts a message and returns its id (`msg-` + 12 `[a-z0-9]`).
-pub fn insert(conn: &Connection, m: &NewMessage, now: &str) -> Result<String> {
+pub fn insert(conn: &Db, m: &NewMessage, now: &str) -> Result<String> {
     loop {
         let id = format!("msg-{}", crate::os::random_alnum(12));
-        let r = conn.execute(
+        let inserted = conn.insert_unless_duplicate(
             "INSERT INTO messages (id, from_agent, to_agent, subject, body, type, priority, \
              thread_id, payload, read, created_at, tries, turn_id) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, 0, ?11)",
@@ -138,15 +127,9 @@ pub fn insert(conn: &Connection, m: &NewMessage, now: &str) -> Result<String> {
                 m.turn_id
             ],
         );
-        match r {
-            Ok(_) => return Ok(id),
-            Err(rusqlite::Error::SqliteFailure(f, _))
-                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
-            {
-                continue; // id collision: draw again
-            }
-            Err(e) => return Err(e).ctx("storing mail"),
-        }
+        if inserted.ctx("storing mail")? {
+            return Ok(id);
+        } // else an id collision: draw again
     }
 }
 
@@ -160,11 +143,11 @@ pub struct ListFilter {
 }
 
 /// Newest first.
-pub fn list(conn: &Connection, f: &ListFilter) -> Result<Vec<Message>> {
+pub fn list(conn: &Db, f: &ListFilter) -> Result<Vec<Message>> {
     collect(
         conn,
         &format!(
-            "SELECT {COLS} FROM messages WHERE (?1 IS NULL OR to_agent=?1) AND (?2 IS NULL OR from_agent=?2) \
+            "SELECT {COLS} FROM messages WHERE (CAST(?1 AS TEXT) IS NULL OR to_agent=?1) AND (CAST(?2 AS TEXT) IS NULL OR from_agent=?2) \
              AND (?3 = 0 OR read = 0) AND (?4 = 0 OR dead_at IS NOT NULL) ORDER BY rowid DESC LIMIT ?5"
         ),
         params![f.to, f.from, f.unread as i64, f.dead as i64, f.limit],
@@ -174,7 +157,7 @@ pub fn list(conn: &Connection, f: &ListFilter) -> Result<Vec<Message>> {
 
 /// `mail check`: pending mail of `agent`, marked read in the same statement.
 /// Claimed mail belongs to the turn delivering it and is left alone.
-pub fn check(conn: &Connection, agent: &str, now: &str) -> Result<Vec<Message>> {
+pub fn check(conn: &Db, agent: &str, now: &str) -> Result<Vec<Message>> {
     let mut out = collect(
         conn,
         &format!(
@@ -189,7 +172,7 @@ pub fn check(conn: &Connection, agent: &str, now: &str) -> Result<Vec<Message>> 
 }
 
 /// Number of due messages for `agent` (pending and `process_after` passed).
-pub fn due_count(conn: &Connection, agent: &str, now: &str) -> Result<i64> {
+pub fn due_count(conn: &Db, agent: &str, now: &str) -> Result<i64> {
     conn.query_row(
         "SELECT COUNT(*) FROM messages WHERE to_agent=?1 AND read=0 AND claimed_by IS NULL \
          AND dead_at IS NULL AND (process_after IS NULL OR process_after <= ?2)",
@@ -199,37 +182,49 @@ pub fn due_count(conn: &Connection, agent: &str, now: &str) -> Result<i64> {
     .ctx("counting due mail")
 }
 
+/// Number of undelivered, live messages for `agent` (claimed or not).
+pub fn pending_count(conn: &Db, agent: &str) -> Result<i64> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM messages WHERE to_agent=?1 AND read=0 AND dead_at IS NULL",
+        params![agent],
+        |r| r.get(0),
+    )
+    .ctx("counting mail")
+}
+
 /// Agents with due mail, oldest mail first.
-pub fn agents_with_due(conn: &Connection, now: &str) -> Result<Vec<String>> {
-    let mut st = conn
-        .prepare_cached(
-            "SELECT to_agent FROM messages WHERE read=0 AND claimed_by IS NULL AND dead_at IS NULL \
-             AND (process_after IS NULL OR process_after <= ?1) GROUP BY to_agent ORDER BY MIN(rowid)",
-        )
-        .ctx("finding due mail")?;
-    let rows = st
-        .query_map([now], |r| r.get(0))
-        .ctx("finding due mail")?
-        .collect::<rusqlite::Result<Vec<String>>>()
-        .ctx("finding due mail")?;
-    Ok(rows)
+pub fn agents_with_due(conn: &Db, now: &str) -> Result<Vec<String>> {
+    conn.query_map(
+        "SELECT to_agent FROM messages WHERE read=0 AND claimed_by IS NULL AND dead_at IS NULL \
+         AND (process_after IS NULL OR process_after <= ?1) GROUP BY to_agent ORDER BY MIN(rowid)",
+        params![now],
+        |r| r.get(0),
+    )
+    .ctx("finding due mail")
 }
 
 /// Claims up to `limit` due messages of `agent` for `turn_id`, arrival order.
 pub fn claim_due(
-    conn: &Connection,
+    conn: &Db,
     agent: &str,
     turn_id: &str,
     now: &str,
     limit: i64,
 ) -> Result<Vec<Message>> {
+    // On PostgreSQL a concurrent claimer's rows are skipped, not re-read
+    // after it commits (read committed would not re-run the subquery).
+    let lock = if conn.is_pg() {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
     let mut out = collect(
         conn,
         &format!(
             "UPDATE messages SET claimed_by=?2, claimed_at=?3 WHERE rowid IN (\
                SELECT rowid FROM messages WHERE to_agent=?1 AND read=0 AND claimed_by IS NULL \
                AND dead_at IS NULL AND (process_after IS NULL OR process_after <= ?3) \
-               ORDER BY rowid LIMIT ?4) RETURNING {COLS}"
+               ORDER BY rowid LIMIT ?4{lock}) RETURNING {COLS}"
         ),
         params![agent, turn_id, now, limit],
         "claiming mail",
@@ -257,20 +252,20 @@ impl Scope<'_> {
 }
 
 /// The open claims of a scope.
-pub fn claimed(conn: &Connection, scope: Scope<'_>) -> Result<Vec<Message>> {
+pub fn claimed(conn: &Db, scope: Scope<'_>) -> Result<Vec<Message>> {
     let (w, key) = scope.clause();
     collect(
         conn,
         &format!(
             "SELECT {COLS} FROM messages WHERE {w} AND read=0 AND dead_at IS NULL ORDER BY rowid"
         ),
-        [key],
+        params![key],
         "reading claims",
     )
 }
 
 /// Claimed → delivered.
-pub fn deliver(conn: &Connection, scope: Scope<'_>, now: &str) -> Result<usize> {
+pub fn deliver(conn: &Db, scope: Scope<'_>, now: &str) -> Result<usize> {
     let (w, key) = scope.clause();
     conn.execute(
         &format!(
@@ -282,7 +277,7 @@ pub fn deliver(conn: &Connection, scope: Scope<'_>, now: &str) -> Result<usize> 
 }
 
 /// Claimed → pending, try count unchanged.
-pub fn release(conn: &Connection, scope: Scope<'_>) -> Result<usize> {
+pub fn release(conn: &Db, scope: Scope<'_>) -> Result<usize> {
     let (w, key) = scope.clause();
     conn.execute(
         &format!("UPDATE messages SET claimed_by=NULL, claimed_at=NULL WHERE {w} AND read=0 AND dead_at IS NULL"),
@@ -292,13 +287,7 @@ pub fn release(conn: &Connection, scope: Scope<'_>) -> Result<usize> {
 }
 
 /// Claimed → pending with a new try count and `process_after`, or dead.
-pub fn set_retry(
-    conn: &Connection,
-    id: &str,
-    tries: i64,
-    process_after: &str,
-    error: &str,
-) -> Result<()> {
+pub fn set_retry(conn: &Db, id: &str, tries: i64, process_after: &str, error: &str) -> Result<()> {
     conn.execute(
         "UPDATE messages SET claimed_by=NULL, claimed_at=NULL, tries=?2, process_after=?3, last_error=?4 \
          WHERE id=?1",
@@ -308,7 +297,7 @@ pub fn set_retry(
     Ok(())
 }
 
-pub fn set_dead(conn: &Connection, id: &str, tries: i64, now: &str, error: &str) -> Result<()> {
+pub fn set_dead(conn: &Db, id: &str, tries: i64, now: &str, error: &str) -> Result<()> {
     conn.execute(
         "UPDATE messages SET claimed_by=NULL, claimed_at=NULL, tries=?2, dead_at=?3, last_error=?4 WHERE id=?1",
         params![id, tries, now, error],
@@ -318,20 +307,17 @@ pub fn set_dead(conn: &Connection, id: &str, tries: i64, now: &str, error: &str)
 }
 
 /// The rowid baseline for terminal-mail detection (SPEC §6.2).
-pub fn max_rowid(conn: &Connection) -> Result<i64> {
-    conn.query_row("SELECT COALESCE(MAX(rowid), 0) FROM messages", [], |r| {
-        r.get(0)
-    })
+pub fn max_rowid(conn: &Db) -> Result<i64> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(rowid), 0) FROM messages",
+        params![],
+        |r| r.get(0),
+    )
     .ctx("reading the mail baseline")
 }
 
 /// Terminal mail from `agent` above the baseline.
-pub fn terminal_since(
-    conn: &Connection,
-    agent: &str,
-    baseline: i64,
-    types: &[String],
-) -> Result<bool> {
+pub fn terminal_since(conn: &Db, agent: &str, baseline: i64, types: &[String]) -> Result<bool> {
     if types.is_empty() {
         return Ok(false);
     }
@@ -353,18 +339,17 @@ pub fn terminal_since(
 }
 
 /// Has `agent` ever sent terminal mail?
-pub fn ever_sent_terminal(conn: &Connection, agent: &str, types: &[String]) -> Result<bool> {
+pub fn ever_sent_terminal(conn: &Db, agent: &str, types: &[String]) -> Result<bool> {
     terminal_since(conn, agent, 0, types)
 }
 
 /// The newest nudge to `agent` (for the debounce).
-pub fn last_nudge_at(conn: &Connection, agent: &str) -> Result<Option<String>> {
-    conn.query_row(
+pub fn last_nudge_at(conn: &Db, agent: &str) -> Result<Option<String>> {
+    conn.query_opt(
         "SELECT created_at FROM messages WHERE to_agent=?1 AND subject='nudge' \
          AND payload LIKE '%\"nudge\"%' ORDER BY rowid DESC LIMIT 1",
-        [agent],
+        params![agent],
         |r| r.get(0),
     )
-    .optional()
     .ctx("reading the last nudge")
 }

@@ -15,7 +15,7 @@ use rusqlite::params;
 
 use super::sessions::Session;
 use super::turns::TurnRow;
-use super::{Ctx, Result, immediate, open_conn, schema};
+use super::{Ctx, Result, immediate_sqlite, open_conn, schema};
 use crate::clock;
 
 /// Adds one finished turn to `metrics.db` under `root`; a turn without usage
@@ -36,7 +36,7 @@ pub fn record_turn(root: &Path, session: &Session, turn: &TurnRow) -> Result<boo
         _ => 0,
     };
     let ended_agent = matches!(turn.final_state.as_deref(), Some("completed" | "zombie"));
-    immediate(&mut conn, "recording costs in metrics.db", |tx| {
+    immediate_sqlite(&mut conn, "recording costs in metrics.db", |tx| {
         tx.execute(
             "INSERT INTO sessions (agent_name, task_id, capability, started_at, completed_at,
                  duration_ms, exit_code, parent_agent, input_tokens, output_tokens,

@@ -1,5 +1,7 @@
-//! The three SQLite stores: `sessions.db` (sessions, turns), `mail.db`
-//! (messages and their claims) and `events.db` (events).
+//! The stores: by default three SQLite files — `sessions.db` (sessions,
+//! turns), `mail.db` (messages and their claims) and `events.db` (events) —
+//! or, in fleet mode, one PostgreSQL schema holding the same tables
+//! ([`Backend`]; every statement goes through the seam [`db::Db`]).
 //!
 //! Owns schemas, idempotent migrations (`PRAGMA user_version`), connection
 //! settings (WAL, `synchronous=NORMAL`, 5 s busy timeout) and every SQL
@@ -9,6 +11,7 @@
 //! multi-statement writes run in `BEGIN IMMEDIATE` transactions. Non-goal:
 //! deciding anything — callers pass in what to write.
 
+pub mod db;
 pub mod events;
 pub mod health;
 pub mod mail;
@@ -22,7 +25,9 @@ pub mod views;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+pub use db::Db;
 
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -56,6 +61,9 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// PostgreSQL (fleet mode): unreachable, refused, not ours, or a query error.
+    #[error(transparent)]
+    Pg(#[from] pg::PgError),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -97,6 +105,47 @@ pub fn classify(context: &str, path: Option<&Path>, e: rusqlite::Error) -> Store
     StoreError::Sqlite {
         context: context.into(),
         source: e,
+    }
+}
+
+/// Gives a backend error its context: SQLite's through [`classify`];
+/// PostgreSQL's lost connection is "unreachable" (exit 4), a lock or
+/// serialization conflict is "locked" (exit 4), anything else a query error.
+pub fn classify_db(context: &str, e: db::DbError) -> StoreError {
+    match e {
+        db::DbError::Sqlite(e) => classify(context, None, e),
+        db::DbError::Pg(e) => {
+            use postgres::error::SqlState;
+            match e.code() {
+                None if e.is_closed() || e.as_db_error().is_none() => {
+                    StoreError::Pg(pg::PgError::Unreachable {
+                        url: "the store".into(),
+                        detail: format!("{} while {context}", pg::error_detail(&e)),
+                    })
+                }
+                Some(c)
+                    if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                        || *c == SqlState::T_R_DEADLOCK_DETECTED
+                        || *c == SqlState::LOCK_NOT_AVAILABLE =>
+                {
+                    StoreError::Locked {
+                        context: context.into(),
+                    }
+                }
+                _ => StoreError::Pg(pg::query_error(context, &e)),
+            }
+        }
+        db::DbError::Column(i, detail) => StoreError::Pg(pg::PgError::Query {
+            context: context.into(),
+            detail: format!("column {i}: {detail}"),
+        }),
+        db::DbError::NoRow => classify(context, None, rusqlite::Error::QueryReturnedNoRows),
+    }
+}
+
+impl<T> Ctx<T> for std::result::Result<T, db::DbError> {
+    fn ctx(self, context: &str) -> Result<T> {
+        self.map_err(|e| classify_db(context, e))
     }
 }
 
@@ -181,25 +230,112 @@ fn not_ours(e: StoreError, path: &Path) -> StoreError {
     }
 }
 
-/// Runs `f` in a `BEGIN IMMEDIATE` transaction.
-pub fn immediate<T>(
+/// Runs `f` in a transaction (`BEGIN IMMEDIATE` on SQLite).
+pub fn immediate<T>(db: &mut Db, context: &str, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
+    db.transaction(|tx| f(tx).map_err(Wrapped::Store))
+        .map_err(|e| match e {
+            Wrapped::Store(e) => e,
+            Wrapped::Db(e) => classify_db(context, e),
+        })
+}
+
+/// A `BEGIN IMMEDIATE` transaction on a bare SQLite connection (schema
+/// migrations, overstory's `metrics.db`: SQLite only).
+pub(crate) fn immediate_sqlite<T>(
     conn: &mut Connection,
     context: &str,
     f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>,
 ) -> Result<T> {
     let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .ctx(context)?;
     let out = f(&tx)?;
     tx.commit().ctx(context)?;
     Ok(out)
 }
 
+/// A transaction's error: the closure's, or beginning/committing's.
+enum Wrapped {
+    Store(StoreError),
+    Db(db::DbError),
+}
+
+impl From<db::DbError> for Wrapped {
+    fn from(e: db::DbError) -> Self {
+        Wrapped::Db(e)
+    }
+}
+
+/// Where the tables live (SPEC §12.1): the SQLite files under the root, or
+/// one schema of a PostgreSQL database.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Backend {
+    #[default]
+    Sqlite,
+    Postgres {
+        url: String,
+        schema: String,
+    },
+}
+
+impl Backend {
+    /// Reads a store URL: `sqlite` or a `postgres://` URL; anything else is
+    /// refused (the message names the URL with its password redacted).
+    pub fn parse(url: &str, schema: &str) -> std::result::Result<Backend, String> {
+        if url == "sqlite" {
+            return Ok(Backend::Sqlite);
+        }
+        if !pg::is_postgres(url) {
+            return Err(format!(
+                "invalid store URL {}: use sqlite or postgres://USER@HOST[:PORT]/DATABASE",
+                pg::redact(url)
+            ));
+        }
+        pg::check_schema_name(schema)?;
+        Ok(Backend::Postgres {
+            url: url.into(),
+            schema: schema.into(),
+        })
+    }
+
+    /// `sqlite`, or the URL (password redacted) and schema.
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Sqlite => "sqlite".into(),
+            Backend::Postgres { url, schema } => {
+                format!("{} schema {schema}", pg::redact(url))
+            }
+        }
+    }
+
+    /// Connects to PostgreSQL and migrates the schema (SQLite: `None`).
+    fn connect_pg(&self) -> Result<Option<Db>> {
+        let Backend::Postgres { url, schema } = self else {
+            return Ok(None);
+        };
+        // A process migrates a schema once; later opens (serve's polls, a
+        // follow) only connect.
+        static MIGRATED: std::sync::Mutex<Vec<(String, String)>> =
+            std::sync::Mutex::new(Vec::new());
+        let key = (url.clone(), schema.clone());
+        let client = db::off_runtime(|| -> std::result::Result<_, pg::PgError> {
+            let mut client = pg::connect(url, schema)?;
+            let mut migrated = MIGRATED.lock().unwrap_or_else(|e| e.into_inner());
+            if !migrated.contains(&key) {
+                pg::schema::migrate(&mut client, url, schema)?;
+                migrated.push(key);
+            }
+            Ok(client)
+        })?;
+        Ok(Some(Db::pg(client)))
+    }
+}
+
 /// The main store: `sessions.db` with `mail.db` attached as `mail`, so that
 /// the end of a turn (state, claims, `worker_died`, turn row) is one
-/// transaction.
+/// transaction — or, in fleet mode, one PostgreSQL schema holding them all.
 pub struct Store {
-    pub conn: Connection,
+    pub conn: Db,
     pub root: PathBuf,
 }
 
@@ -207,6 +343,17 @@ impl Store {
     /// Opens (creating and migrating as needed) `sessions.db` and `mail.db`
     /// under `root`, which must exist.
     pub fn open(root: &Path) -> Result<Store> {
+        Store::open_backend(root, &Backend::Sqlite)
+    }
+
+    /// Opens the store `backend` names for `root`.
+    pub fn open_backend(root: &Path, backend: &Backend) -> Result<Store> {
+        if let Some(conn) = backend.connect_pg()? {
+            return Ok(Store {
+                conn,
+                root: root.to_path_buf(),
+            });
+        }
         let sessions_path = root.join("sessions.db");
         let mail_path = root.join("mail.db");
         let mut conn = open_conn(&sessions_path)?;
@@ -221,16 +368,12 @@ impl Store {
         }
         set_pragmas(&conn, "mail", &mail_path)?;
         Ok(Store {
-            conn,
+            conn: Db::Sqlite(conn),
             root: root.to_path_buf(),
         })
     }
 
-    pub fn tx<T>(
-        &mut self,
-        context: &str,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>,
-    ) -> Result<T> {
+    pub fn tx<T>(&mut self, context: &str, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
         immediate(&mut self.conn, context, f)
     }
 }

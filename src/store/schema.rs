@@ -11,7 +11,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use super::{Ctx, Result, StoreError, immediate};
+use super::{Ctx, Result, StoreError, immediate_sqlite};
 
 /// Schema version of each of our databases.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -273,7 +273,7 @@ pub fn migrate_sessions(conn: &mut Connection, path: &Path) -> Result<()> {
     {
         return Ok(());
     }
-    immediate(conn, "migrating sessions.db", |tx| {
+    immediate_sqlite(conn, "migrating sessions.db", |tx| {
         tx.execute_batch(SESSIONS_TABLE).ctx("creating sessions")?;
         let cols = columns(tx, "sessions")?;
         if cols.iter().any(|c| c == "bead_id") && !cols.iter().any(|c| c == "task_id") {
@@ -337,7 +337,7 @@ pub fn migrate_mail(conn: &mut Connection, path: &Path) -> Result<()> {
     if up_to_date(conn, "messages")? {
         return Ok(());
     }
-    immediate(conn, "migrating mail.db", |tx| {
+    immediate_sqlite(conn, "migrating mail.db", |tx| {
         tx.execute_batch(&messages_table("messages"))
             .ctx("creating messages")?;
         add_missing(tx, "messages", &[("payload", "TEXT")])?;
@@ -387,7 +387,7 @@ pub fn migrate_events(conn: &mut Connection, path: &Path) -> Result<()> {
     if up_to_date(conn, "events")? && columns(conn, "events")?.iter().any(|c| c == "line_no") {
         return Ok(());
     }
-    immediate(conn, "migrating events.db", |tx| {
+    immediate_sqlite(conn, "migrating events.db", |tx| {
         tx.execute_batch(EVENTS_TABLE).ctx("creating events")?;
         add_missing(tx, "events", &[("turn_id", "TEXT"), ("line_no", "INTEGER")])?;
         tx.execute_batch(
@@ -445,7 +445,7 @@ pub fn migrate_metrics(conn: &mut Connection, path: &Path) -> Result<()> {
     if up_to_date(conn, "token_snapshots")? {
         return Ok(());
     }
-    immediate(conn, "migrating metrics.db", |tx| {
+    immediate_sqlite(conn, "migrating metrics.db", |tx| {
         tx.execute_batch(METRICS_TABLES)
             .ctx("creating the metrics tables")?;
         tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))

@@ -1,7 +1,7 @@
 //! Rows of `sessions`: registering agents, reading them, and the one
 //! compare-and-swap every state change goes through (SPEC §3).
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use super::db::{Db, DbResult, Row, params};
 use serde::Serialize;
 
 use super::{Ctx, Result};
@@ -37,7 +37,7 @@ const COLS: &str = "id, agent_name, capability, worktree_path, branch_name, task
     parent_agent, depth, run_id, started_at, last_activity, claude_session_id, runtime, \
     runtime_command, model";
 
-fn from_row(r: &Row<'_>) -> rusqlite::Result<Session> {
+fn from_row(r: &Row<'_>) -> DbResult<Session> {
     let cmd: Option<String> = r.get(14)?;
     Ok(Session {
         id: r.get(0)?,
@@ -48,39 +48,35 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Session> {
         task_id: r.get(5)?,
         state: r.get(6)?,
         parent_agent: r.get(7)?,
-        depth: r.get::<_, Option<i64>>(8)?.unwrap_or(0),
+        depth: r.get::<Option<i64>>(8)?.unwrap_or(0),
         run_id: r.get(9)?,
         started_at: r.get(10)?,
         last_activity: r.get(11)?,
         claude_session_id: r.get(12)?,
         runtime: r
-            .get::<_, Option<String>>(13)?
+            .get::<Option<String>>(13)?
             .unwrap_or_else(|| "claude".into()),
         runtime_command: cmd.and_then(|c| serde_json::from_str(&c).ok()),
         model: r.get(15)?,
     })
 }
 
-pub fn get(conn: &Connection, agent: &str) -> Result<Option<Session>> {
-    conn.query_row(
+pub fn get(conn: &Db, agent: &str) -> Result<Option<Session>> {
+    conn.query_opt(
         &format!("SELECT {COLS} FROM sessions WHERE agent_name = ?1"),
-        [agent],
+        params![agent],
         from_row,
     )
-    .optional()
     .ctx("reading an agent")
 }
 
-pub fn list(conn: &Connection) -> Result<Vec<Session>> {
-    let mut st = conn
-        .prepare(&format!("SELECT {COLS} FROM sessions ORDER BY agent_name"))
-        .ctx("listing agents")?;
-    let rows = st
-        .query_map([], from_row)
-        .ctx("listing agents")?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .ctx("listing agents")?;
-    Ok(rows)
+pub fn list(conn: &Db) -> Result<Vec<Session>> {
+    conn.query_map(
+        &format!("SELECT {COLS} FROM sessions ORDER BY agent_name"),
+        params![],
+        from_row,
+    )
+    .ctx("listing agents")
 }
 
 /// What `agent add` writes.
@@ -98,7 +94,7 @@ pub struct NewSession {
     pub now: String,
 }
 
-pub fn insert(conn: &Connection, s: &NewSession) -> Result<()> {
+pub fn insert(conn: &Db, s: &NewSession) -> Result<()> {
     let id = format!("session-{}", crate::os::random_alnum(12));
     let cmd = s
         .runtime_command
@@ -129,7 +125,7 @@ pub fn insert(conn: &Connection, s: &NewSession) -> Result<()> {
 
 /// `--recover`: back to `booting` from `completed` or `zombie` only, keeping
 /// parent and session id; returns false when the state was another one.
-pub fn recover(conn: &Connection, s: &NewSession) -> Result<bool> {
+pub fn recover(conn: &Db, s: &NewSession) -> Result<bool> {
     let cmd = s
         .runtime_command
         .as_ref()
@@ -157,7 +153,7 @@ pub fn recover(conn: &Connection, s: &NewSession) -> Result<bool> {
 }
 
 /// The compare-and-swap of SPEC §3: `UPDATE … WHERE state IN (allowed)`.
-pub fn cas(conn: &Connection, agent: &str, to: State, now: &str) -> Result<Cas> {
+pub fn cas(conn: &Db, agent: &str, to: State, now: &str) -> Result<Cas> {
     let allowed: Vec<String> = allowed_from(to)
         .iter()
         .map(|s| format!("'{}'", s.as_str()))
@@ -191,17 +187,16 @@ pub fn cas(conn: &Connection, agent: &str, to: State, now: &str) -> Result<Cas> 
     })
 }
 
-pub fn current(conn: &Connection, agent: &str) -> Result<Option<String>> {
-    conn.query_row(
+pub fn current(conn: &Db, agent: &str) -> Result<Option<String>> {
+    conn.query_opt(
         "SELECT state FROM sessions WHERE agent_name=?1",
-        [agent],
+        params![agent],
         |r| r.get(0),
     )
-    .optional()
     .ctx("reading an agent's state")
 }
 
-pub fn touch(conn: &Connection, agent: &str, now: &str) -> Result<()> {
+pub fn touch(conn: &Db, agent: &str, now: &str) -> Result<()> {
     conn.execute(
         "UPDATE sessions SET last_activity=?2 WHERE agent_name=?1",
         params![agent, now],
@@ -211,7 +206,7 @@ pub fn touch(conn: &Connection, agent: &str, now: &str) -> Result<()> {
 }
 
 /// Stores (or, with `None`, forgets) the conversation id to resume.
-pub fn set_session_id(conn: &Connection, agent: &str, id: Option<&str>) -> Result<()> {
+pub fn set_session_id(conn: &Db, agent: &str, id: Option<&str>) -> Result<()> {
     conn.execute(
         "UPDATE sessions SET claude_session_id=?2 WHERE agent_name=?1",
         params![agent, id],

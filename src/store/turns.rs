@@ -2,7 +2,7 @@
 //! when it ends (by the runner, by `stop`, or by the sweep for a runner that
 //! died). Only the holder of the agent's lease finishes a turn row.
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use super::db::{Db, DbResult, Row, params};
 use serde::Serialize;
 
 use super::{Ctx, Result};
@@ -47,10 +47,8 @@ const COLS: &str = "turn_id, agent_name, started_at, ended_at, runner_pid, agent
     resume_requested, resume_mismatch, events, lines, malformed_lines, bytes, mail_ids, cost_usd, \
     input_tokens, output_tokens, num_turns, result_text, stderr_tail, leaked, stderr_dropped_bytes";
 
-fn from_row(r: &Row<'_>) -> rusqlite::Result<TurnRow> {
-    let ids: String = r
-        .get::<_, Option<String>>(21)?
-        .unwrap_or_else(|| "[]".into());
+fn from_row(r: &Row<'_>) -> DbResult<TurnRow> {
+    let ids: String = r.get::<Option<String>>(21)?.unwrap_or_else(|| "[]".into());
     Ok(TurnRow {
         turn_id: r.get(0)?,
         agent_name: r.get(1)?,
@@ -64,11 +62,11 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TurnRow> {
         reason: r.get(9)?,
         exit_code: r.get(10)?,
         signal: r.get(11)?,
-        clean_result: r.get::<_, i64>(12)? != 0,
-        terminal_mail_observed: r.get::<_, i64>(13)? != 0,
+        clean_result: r.get::<i64>(12)? != 0,
+        terminal_mail_observed: r.get::<i64>(13)? != 0,
         session_id: r.get(14)?,
         resume_requested: r.get(15)?,
-        resume_mismatch: r.get::<_, i64>(16)? != 0,
+        resume_mismatch: r.get::<i64>(16)? != 0,
         events: r.get(17)?,
         lines: r.get(18)?,
         malformed_lines: r.get(19)?,
@@ -80,12 +78,12 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TurnRow> {
         num_turns: r.get(25)?,
         result_text: r.get(26)?,
         stderr_tail: r.get(27)?,
-        leaked: r.get::<_, i64>(28)? != 0,
+        leaked: r.get::<i64>(28)? != 0,
         stderr_dropped_bytes: r.get(29)?,
     })
 }
 
-pub fn insert_start(conn: &Connection, t: &TurnRow) -> Result<()> {
+pub fn insert_start(conn: &Db, t: &TurnRow) -> Result<()> {
     conn.execute(
         "INSERT INTO turns (turn_id, agent_name, started_at, runner_pid, initial_state, resume_requested, mail_ids) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -103,7 +101,7 @@ pub fn insert_start(conn: &Connection, t: &TurnRow) -> Result<()> {
     Ok(())
 }
 
-pub fn set_agent_pid(conn: &Connection, turn_id: &str, pid: i64) -> Result<()> {
+pub fn set_agent_pid(conn: &Db, turn_id: &str, pid: i64) -> Result<()> {
     conn.execute(
         "UPDATE turns SET agent_pid=?2 WHERE turn_id=?1",
         params![turn_id, pid],
@@ -114,7 +112,7 @@ pub fn set_agent_pid(conn: &Connection, turn_id: &str, pid: i64) -> Result<()> {
 
 /// Finishes a turn row; a row that is already finished is left alone
 /// (returns false).
-pub fn finish(conn: &Connection, t: &TurnRow) -> Result<bool> {
+pub fn finish(conn: &Db, t: &TurnRow) -> Result<bool> {
     let n = conn
         .execute(
             "UPDATE turns SET ended_at=?2, agent_pid=COALESCE(?3, agent_pid), final_state=?4, outcome=?5, \
@@ -154,64 +152,56 @@ pub fn finish(conn: &Connection, t: &TurnRow) -> Result<bool> {
     Ok(n == 1)
 }
 
-pub fn get(conn: &Connection, turn_id: &str) -> Result<Option<TurnRow>> {
-    conn.query_row(
+pub fn get(conn: &Db, turn_id: &str) -> Result<Option<TurnRow>> {
+    conn.query_opt(
         &format!("SELECT {COLS} FROM turns WHERE turn_id=?1"),
-        [turn_id],
+        params![turn_id],
         from_row,
     )
-    .optional()
     .ctx("reading a turn")
 }
 
 /// Unfinished turns of an agent, oldest first.
-pub fn unfinished(conn: &Connection, agent: &str) -> Result<Vec<TurnRow>> {
-    let mut st = conn
-        .prepare_cached(&format!(
+pub fn unfinished(conn: &Db, agent: &str) -> Result<Vec<TurnRow>> {
+    conn.query_map(
+        &format!(
             "SELECT {COLS} FROM turns WHERE agent_name=?1 AND ended_at IS NULL ORDER BY turn_id"
-        ))
-        .ctx("reading unfinished turns")?;
-    let rows = st
-        .query_map([agent], from_row)
-        .ctx("reading unfinished turns")?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .ctx("reading unfinished turns")?;
-    Ok(rows)
+        ),
+        params![agent],
+        from_row,
+    )
+    .ctx("reading unfinished turns")
 }
 
 /// Turn history, newest first.
-pub fn list(conn: &Connection, agent: Option<&str>, limit: i64) -> Result<Vec<TurnRow>> {
-    let mut st = conn
-        .prepare_cached(&format!(
-            "SELECT {COLS} FROM turns WHERE (?1 IS NULL OR agent_name=?1) ORDER BY turn_id DESC LIMIT ?2"
-        ))
-        .ctx("listing turns")?;
-    let rows = st
-        .query_map(params![agent, limit], from_row)
-        .ctx("listing turns")?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .ctx("listing turns")?;
-    Ok(rows)
+pub fn list(conn: &Db, agent: Option<&str>, limit: i64) -> Result<Vec<TurnRow>> {
+    conn.query_map(
+        &format!(
+            "SELECT {COLS} FROM turns WHERE (CAST(?1 AS TEXT) IS NULL OR agent_name=?1) ORDER BY turn_id DESC LIMIT ?2"
+        ),
+        params![agent, limit],
+        from_row,
+    )
+    .ctx("listing turns")
 }
 
 /// The last finished turn of an agent.
-pub fn last_finished(conn: &Connection, agent: &str) -> Result<Option<TurnRow>> {
-    conn.query_row(
+pub fn last_finished(conn: &Db, agent: &str) -> Result<Option<TurnRow>> {
+    conn.query_opt(
         &format!(
             "SELECT {COLS} FROM turns WHERE agent_name=?1 AND ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1"
         ),
-        [agent],
+        params![agent],
         from_row,
     )
-    .optional()
     .ctx("reading the last turn")
 }
 
 /// Total cost of an agent's turns.
-pub fn total_cost(conn: &Connection, agent: &str) -> Result<f64> {
+pub fn total_cost(conn: &Db, agent: &str) -> Result<f64> {
     conn.query_row(
         "SELECT COALESCE(SUM(cost_usd), 0) FROM turns WHERE agent_name=?1",
-        [agent],
+        params![agent],
         |r| r.get(0),
     )
     .ctx("summing cost")
@@ -220,13 +210,13 @@ pub fn total_cost(conn: &Connection, agent: &str) -> Result<f64> {
 /// Tokens already stored for earlier turns of a conversation (for CLIs that
 /// report running totals).
 pub fn tokens_before(
-    conn: &Connection,
+    conn: &Db,
     agent: &str,
     session_id: &str,
     turn_id: &str,
 ) -> Result<(i64, i64)> {
     conn.query_row(
-        "SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0) FROM turns \
+        "SELECT CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) FROM turns \
          WHERE agent_name=?1 AND session_id=?2 AND turn_id<>?3",
         params![agent, session_id, turn_id],
         |r| Ok((r.get(0)?, r.get(1)?)),

@@ -14,6 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use super::db::Db;
+
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
@@ -116,23 +118,39 @@ pub trait FleetViews: Send + Sync + 'static {
 }
 
 /// [`FleetViews`] over the SQLite files under a root.
-#[derive(Debug)]
 pub struct SqliteViews {
     root: PathBuf,
     /// One read-only connection, kept: opening one costs a WAL-index
     /// recovery (reading every WAL) when no other connection is open, which
     /// at one poll a second would cost more than the queries. It holds no
     /// lock between statements. Calls take turns on it.
-    conn: Mutex<Option<Connection>>,
+    conn: Mutex<Option<Db>>,
 }
 
 /// The kept connection, for one call.
-pub struct Conn<'a>(MutexGuard<'a, Option<Connection>>);
+pub struct Conn<'a>(MutexGuard<'a, Option<Db>>);
+
+impl Conn<'_> {
+    /// The same connection, for the store functions shared with commands.
+    fn db(&self) -> &Db {
+        self.0.as_ref().expect("opened before use")
+    }
+}
 
 impl std::ops::Deref for Conn<'_> {
     type Target = Connection;
     fn deref(&self) -> &Connection {
-        self.0.as_ref().expect("opened before use")
+        self.db()
+            .sqlite()
+            .expect("the SQLite views hold a SQLite connection")
+    }
+}
+
+impl std::fmt::Debug for SqliteViews {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteViews")
+            .field("root", &self.root)
+            .finish()
     }
 }
 
@@ -149,7 +167,7 @@ impl SqliteViews {
     fn open(&self) -> Result<Conn<'_>> {
         let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_none() {
-            *g = Some(self.connect()?);
+            *g = Some(Db::Sqlite(self.connect()?));
         }
         Ok(Conn(g))
     }
@@ -393,11 +411,11 @@ impl FleetViews for SqliteViews {
     }
 
     fn recent_turns(&self, limit: i64) -> Result<Vec<TurnRow>> {
-        super::turns::list(&*self.open()?, None, limit)
+        super::turns::list(self.open()?.db(), None, limit)
     }
 
     fn turn(&self, turn_id: &str) -> Result<Option<TurnRow>> {
-        super::turns::get(&*self.open()?, turn_id)
+        super::turns::get(self.open()?.db(), turn_id)
     }
 
     fn turn_events(&self, turn_id: &str, limit: i64) -> Result<Vec<StoredEvent>> {
@@ -407,7 +425,7 @@ impl FleetViews for SqliteViews {
             limit,
             ..EventFilter::default()
         };
-        super::events::list(&*self.open()?, &f)
+        super::events::list(self.open()?.db(), &f)
     }
 
     fn turn_points(&self, limit: i64) -> Result<Vec<TurnPoint>> {

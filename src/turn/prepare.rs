@@ -55,7 +55,7 @@ pub struct Turn {
     /// The turn's own `sessions.db` connection.
     pub store: Store,
     /// Its `events.db` connection (lent to the writer thread while running).
-    pub events: Option<rusqlite::Connection>,
+    pub events: Option<crate::store::Db>,
     pub session: Session,
     pub cap: Capability,
     pub runtime: Box<dyn Runtime>,
@@ -101,7 +101,7 @@ pub async fn prepare(
 ) -> Result<Prepared> {
     let agent = req.agent.as_str();
     // 1. Check the name, open the stores, read the session.
-    let mut store = ctx.store()?;
+    let store = ctx.store()?;
     let (session, cap) = load_runnable(ctx, &store, agent)?;
     // 2. Work out the input (a cheap early exit; step 4 decides for real).
     if nothing_to_deliver(&store, req)? {
@@ -109,11 +109,18 @@ pub async fn prepare(
     }
     // 3. Take the lease; reclaim what a dead earlier turn left; re-read.
     let lock_path = ctx.root.lock_path(agent);
+    // A turn waiting for the lease holds no PostgreSQL connection: a queue
+    // of waiting turns must not use up the server's connections.
+    let kept = (!store.conn.is_pg()).then_some(store);
     let lease = tokio::select! {
         l = Lease::acquire(&lock_path, agent, req.wait) => l?,
         _ = aborted(abort) => return Ok(Prepared::Early(Box::new(TurnSummary::interrupted_waiting(
             agent
         )))),
+    };
+    let mut store = match kept {
+        Some(s) => s,
+        None => ctx.store()?,
     };
     crate::sweep::reclaim(ctx, &mut store, agent, &cap)?;
     let session = match sessions::get(&store.conn, agent)? {
@@ -217,7 +224,7 @@ fn claim_and_insert(
 }
 
 fn record_turn_start(
-    conn: &mut rusqlite::Connection,
+    conn: &mut crate::store::Db,
     tag: &TurnTag,
     row: &TurnRow,
     runtime: &str,

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use rusqlite::Transaction;
+use crate::store::Db;
 
 use super::TurnSummary;
 use super::io::TurnLog;
@@ -115,7 +115,7 @@ fn unknown_resume(runtime: &dyn Runtime, row: &TurnRow, ex: &Execution) -> Optio
 }
 
 /// The one transaction of step 9. Returns the decision and the state now.
-fn write_outcome(tx: &Transaction<'_>, e: &Ending<'_>) -> StoreResult<(Decision, Option<String>)> {
+fn write_outcome(tx: &Db, e: &Ending<'_>) -> StoreResult<(Decision, Option<String>)> {
     let agent = e.session.agent_name.as_str();
     let facts = gather_facts(tx, e)?;
     let d = decide(&facts);
@@ -154,7 +154,7 @@ fn write_outcome(tx: &Transaction<'_>, e: &Ending<'_>) -> StoreResult<(Decision,
 }
 
 /// What the outcome table needs, read inside the final transaction.
-fn gather_facts(tx: &Transaction<'_>, e: &Ending<'_>) -> StoreResult<Facts> {
+fn gather_facts(tx: &Db, e: &Ending<'_>) -> StoreResult<Facts> {
     let agent = e.session.agent_name.as_str();
     let ex = e.ex;
     let state_now = sessions::current(tx, agent)?.and_then(|s| State::parse(&s));
@@ -176,12 +176,7 @@ fn gather_facts(tx: &Transaction<'_>, e: &Ending<'_>) -> StoreResult<Facts> {
 }
 
 /// `worker_died` to the parent, when the decision says so and there is one.
-fn tell_the_parent(
-    tx: &Transaction<'_>,
-    e: &Ending<'_>,
-    d: &Decision,
-    reason: Option<&str>,
-) -> StoreResult<()> {
+fn tell_the_parent(tx: &Db, e: &Ending<'_>, d: &Decision, reason: Option<&str>) -> StoreResult<()> {
     let (Some(why), Some(parent)) = (d.worker_died, e.session.parent_agent.as_deref()) else {
         return Ok(());
     };
@@ -209,7 +204,7 @@ fn tell_the_parent(
 
 /// The turn row as it ends.
 fn finished_row(
-    tx: &Transaction<'_>,
+    tx: &Db,
     e: &Ending<'_>,
     d: &Decision,
     facts: &Facts,
@@ -253,7 +248,7 @@ fn finished_row(
 
 /// This turn's tokens: a runtime reporting session totals has the earlier
 /// turns of the session subtracted.
-fn turn_tokens(tx: &Transaction<'_>, e: &Ending<'_>) -> StoreResult<(Option<i64>, Option<i64>)> {
+fn turn_tokens(tx: &Db, e: &Ending<'_>) -> StoreResult<(Option<i64>, Option<i64>)> {
     let s = &e.ex.stream;
     let (input, output) = (s.result.input_tokens, s.result.output_tokens);
     match &s.session_id {

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use runner::store::db::params;
+
 use crate::{TestRoot, signal, wait_child, wait_for};
 
 const FAST: [&str; 4] = ["--stall", "300ms", "--grace", "200ms"];
@@ -219,9 +221,11 @@ fn sigint_interrupts_the_turn_and_releases_the_mail() {
     assert_eq!(t.state("b1"), "between_turns");
     let (read, tries): (i64, i64) = t
         .db("mail.db")
-        .query_row("SELECT read, tries FROM messages WHERE id=?1", [&id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT read, tries FROM messages WHERE id=?1",
+            params![id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
     assert_eq!((read, tries), (0, 0));
     t.assert_clean("b1");

@@ -2,6 +2,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 
+use runner::store::db::params;
+
 use crate::TestRoot;
 
 fn mode(p: &std::path::Path) -> u32 {
@@ -10,7 +12,7 @@ fn mode(p: &std::path::Path) -> u32 {
 
 #[test]
 fn init_creates_private_root_and_databases() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.run(["init"]).status(0);
     let r = t.root();
     assert_eq!(mode(&r), 0o700);
@@ -154,7 +156,7 @@ fn bad_input_is_one_line_exit_2_and_writes_nothing() {
 
 #[test]
 fn a_file_that_is_not_a_database_is_reported_not_overwritten() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     std::fs::create_dir_all(t.root()).unwrap();
     let p = t.root().join("sessions.db");
     std::fs::write(&p, "just some text\n".repeat(100)).unwrap();
@@ -163,7 +165,7 @@ fn a_file_that_is_not_a_database_is_reported_not_overwritten() {
         .status(2)
         .one_line_error("not a runner database");
     assert_eq!(std::fs::read(&p).unwrap(), before);
-    let t2 = TestRoot::new();
+    let t2 = TestRoot::sqlite();
     std::fs::create_dir_all(t2.root()).unwrap();
     std::fs::write(t2.root().join("mail.db"), "nope").unwrap();
     t2.run(["mail", "list"]).status(2).one_line_error("mail.db");
@@ -264,7 +266,7 @@ fn config_and_capability_files_errors_name_the_field() {
 /// in place, read by `status` and `mail list`, and gains the new columns.
 #[test]
 fn migrates_an_overstory_root_in_place() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     std::fs::create_dir_all(t.root()).unwrap();
     let s = rusqlite::Connection::open(t.root().join("sessions.db")).unwrap();
     s.execute_batch(
@@ -308,7 +310,7 @@ fn migrates_an_overstory_root_in_place() {
     ml.status(0);
     assert_eq!(ml.json()[0]["id"], "msg-aaaaaaaaaaaa");
     let cols: Vec<String> = {
-        let c = t.db("sessions.db");
+        let c = t.sqlite_file("sessions.db");
         let mut st = c.prepare("PRAGMA table_info(sessions)").unwrap();
         st.query_map([], |r| r.get::<_, String>(1))
             .unwrap()
@@ -333,7 +335,7 @@ fn migrates_an_overstory_root_in_place() {
     t.db("sessions.db")
         .execute(
             "UPDATE sessions SET state='between_turns' WHERE id='s1'",
-            [],
+            params![],
         )
         .unwrap();
     t.run([
@@ -434,7 +436,7 @@ fn recover_keeps_what_it_is_not_told_to_change() {
         .one_line_error("only a completed or zombie agent");
     // What `ov status` does to an idle headless agent.
     t.db("sessions.db")
-        .execute("UPDATE sessions SET state='zombie'", [])
+        .execute("UPDATE sessions SET state='zombie'", params![])
         .unwrap();
     t.run(["turn", "--agent", "lead", "--message", "x"])
         .status(2)

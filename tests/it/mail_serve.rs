@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use runner::store::db::params;
+
 use crate::{TestRoot, signal, wait_child, wait_for};
 
 #[test]
@@ -175,14 +177,13 @@ fn serve_drains_a_mixed_fleet_exactly_once() {
         Some(0)
     );
     let c = t.db("mail.db");
-    let mut st = c.prepare("SELECT to_agent, read, tries, dead_at IS NOT NULL, claimed_by FROM messages WHERE to_agent LIKE 'a%'").unwrap();
-    let rows: Vec<(String, i64, i64, bool, Option<String>)> = st
-        .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows: Vec<(String, i64, i64, bool, Option<String>)> = c
+        .query_map(
+            "SELECT to_agent, read, tries, dead_at IS NOT NULL, claimed_by FROM messages WHERE to_agent LIKE 'a%'",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .unwrap();
     assert_eq!(rows.len(), 1000);
     for (agent, read, tries, dead, claimed_by) in rows {
         match kinds[&agent] {
@@ -206,16 +207,13 @@ fn serve_drains_a_mixed_fleet_exactly_once() {
         }
     }
     let s = t.db("sessions.db");
-    let mut st = s
-        .prepare(
+    let spans: Vec<(String, String, String)> = s
+        .query_map(
             "SELECT agent_name, started_at, ended_at FROM turns ORDER BY agent_name, started_at",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
-    let spans: Vec<(String, String, String)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
     for w in spans.windows(2) {
         if w[0].0 == w[1].0 {
             assert!(w[0].2 <= w[1].1, "overlapping turns of {}: {:?}", w[0].0, w);
@@ -226,16 +224,13 @@ fn serve_drains_a_mixed_fleet_exactly_once() {
         if *k != 1 {
             continue;
         }
-        let mut st = s
-            .prepare(
+        let times: Vec<(String, String)> = s
+            .query_map(
                 "SELECT started_at, ended_at FROM turns WHERE agent_name=?1 ORDER BY started_at",
+                params![agent],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        let times: Vec<(String, String)> = st
-            .query_map([agent], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
         assert_eq!(times.len(), 5, "{agent}: one turn per try");
         for (k, w) in times.windows(2).enumerate() {
             let ended = runner::clock::parse_ts(&w[0].1).unwrap();

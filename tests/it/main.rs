@@ -16,14 +16,30 @@ mod turn;
 mod wild;
 
 use std::path::{Path, PathBuf};
+
+use runner::store::Db;
+use runner::store::db::params;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_runner");
 
 /// A temporary root and a builder of `runner` invocations against it.
+///
+/// With `RUNNER_TEST_STORE=postgres` each root's tables live in a fresh
+/// PostgreSQL schema of their own (given to every invocation through
+/// `RUNNER_STORE_URL`/`RUNNER_STORE_SCHEMA`, dropped with the root), so the
+/// whole suite runs on that backend; [`TestRoot::db`] reads whichever holds
+/// the tables.
 pub struct TestRoot {
     dir: tempfile::TempDir,
+    pg: Option<pg::PgSchema>,
+}
+
+/// The store this run of the suite tests: `RUNNER_TEST_STORE=postgres`, or
+/// SQLite (the default).
+pub fn testing_postgres() -> bool {
+    std::env::var("RUNNER_TEST_STORE").as_deref() == Ok("postgres")
 }
 
 /// The result of one `runner` invocation.
@@ -82,13 +98,30 @@ impl Default for TestRoot {
 }
 
 impl TestRoot {
+    /// A root on the store under test.
     pub fn new() -> TestRoot {
+        let mut t = TestRoot::sqlite();
+        if testing_postgres() {
+            t.pg = Some(pg::pg_required());
+        }
+        t
+    }
+
+    /// A root on SQLite whatever the store under test: for what is about
+    /// the files themselves (foreign files, overstory's databases, migrate).
+    pub fn sqlite() -> TestRoot {
         TestRoot {
             dir: tempfile::Builder::new()
                 .prefix("runner-it-")
                 .tempdir()
                 .unwrap(),
+            pg: None,
         }
+    }
+
+    /// The PostgreSQL schema holding this root's tables, if any.
+    pub fn pg(&self) -> Option<&pg::PgSchema> {
+        self.pg.as_ref()
     }
 
     pub fn path(&self) -> &Path {
@@ -115,6 +148,10 @@ impl TestRoot {
             }
         }
         c.env_remove("RUST_BACKTRACE");
+        if let Some(pg) = &self.pg {
+            c.env("RUNNER_STORE_URL", &pg.url);
+            c.env("RUNNER_STORE_SCHEMA", &pg.schema);
+        }
         c.current_dir(self.path());
         c.stdin(Stdio::null());
         c
@@ -207,7 +244,22 @@ impl TestRoot {
         r.stdout().trim().to_string()
     }
 
-    pub fn db(&self, name: &str) -> rusqlite::Connection {
+    /// The tables of `name` (`sessions.db`, `mail.db`, `events.db`): that
+    /// file, or this root's PostgreSQL schema. `metrics.db` is always the file.
+    pub fn db(&self, name: &str) -> Db {
+        match &self.pg {
+            Some(pg) if name != "metrics.db" => Db::pg(pg.client()),
+            _ => {
+                let c = rusqlite::Connection::open(self.root().join(name)).unwrap();
+                c.busy_timeout(Duration::from_secs(5)).unwrap();
+                Db::Sqlite(c)
+            }
+        }
+    }
+
+    /// The SQLite file `name` itself (tests about the files: a root made
+    /// with [`TestRoot::sqlite`]).
+    pub fn sqlite_file(&self, name: &str) -> rusqlite::Connection {
         let c = rusqlite::Connection::open(self.root().join(name)).unwrap();
         c.busy_timeout(Duration::from_secs(5)).unwrap();
         c
@@ -215,14 +267,14 @@ impl TestRoot {
 
     pub fn i64(&self, db: &str, sql: &str) -> i64 {
         self.db(db)
-            .query_row(sql, [], |r| r.get(0))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .query_row(sql, params![], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
     }
 
     pub fn str(&self, db: &str, sql: &str) -> Option<String> {
         self.db(db)
-            .query_row(sql, [], |r| r.get(0))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .query_row(sql, params![], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
     }
 
     pub fn state(&self, agent: &str) -> String {
@@ -245,7 +297,7 @@ impl TestRoot {
         self.db("mail.db")
             .query_row(
                 "SELECT read, tries, claimed_by FROM messages WHERE id=?1",
-                [id],
+                params![id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .unwrap()
@@ -254,15 +306,14 @@ impl TestRoot {
     /// Asserts that no two turn rows overlap in time; returns how many there are.
     #[track_caller]
     pub fn assert_turns_never_overlap(&self) -> usize {
-        let c = self.db("sessions.db");
-        let mut st = c
-            .prepare("SELECT started_at, ended_at FROM turns ORDER BY started_at, ended_at")
+        let spans: Vec<(String, String)> = self
+            .db("sessions.db")
+            .query_map(
+                "SELECT started_at, ended_at FROM turns ORDER BY started_at, ended_at",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .unwrap();
-        let spans: Vec<(String, String)> = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
         for w in spans.windows(2) {
             assert!(w[0].1 <= w[1].0, "overlapping turns: {w:?}");
         }

@@ -292,7 +292,7 @@ fn a_disk_that_fills_mid_turn_ends_the_turn_with_74_and_the_sweep_repairs_it() {
         let lines_in_events: i64 = ev
             .query_row(
                 "SELECT COUNT(DISTINCT line_no) FROM events WHERE turn_id=?1 AND line_no <= ?2",
-                rusqlite::params![turn_id, complete_lines],
+                runner::store::db::params![turn_id, complete_lines],
                 |r| r.get(0),
             )
             .unwrap();
@@ -303,8 +303,8 @@ fn a_disk_that_fills_mid_turn_ends_the_turn_with_74_and_the_sweep_repairs_it() {
         let duplicated: i64 = ev
             .query_row(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE turn_id=?1 AND line_no IS NOT NULL \
-                 GROUP BY line_no, event_type, data HAVING COUNT(*) > 1)",
-                [&turn_id],
+                 GROUP BY line_no, event_type, data HAVING COUNT(*) > 1) AS dup",
+                runner::store::db::params![turn_id],
                 |r| r.get(0),
             )
             .unwrap();

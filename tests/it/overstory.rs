@@ -3,6 +3,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 
+use runner::store::db::params;
+
 use crate::TestRoot;
 
 #[test]
@@ -31,7 +33,7 @@ fn metrics_db_accumulates_each_turns_cost_for_ov_costs() {
         .db("sessions.db")
         .query_row(
             "SELECT input_tokens, output_tokens, cost_usd FROM turns",
-            [],
+            params![],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
@@ -55,7 +57,7 @@ fn metrics_db_accumulates_each_turns_cost_for_ov_costs() {
         .query_row(
             "SELECT agent_name, task_id, capability, input_tokens, output_tokens,
                     estimated_cost_usd, completed_at FROM sessions",
-            [],
+            params![],
             |r| {
                 Ok((
                     r.get(0)?,
@@ -80,7 +82,7 @@ fn metrics_db_accumulates_each_turns_cost_for_ov_costs() {
     );
     assert_eq!(completed, None, "a waiting lead has not ended");
     let n: i64 = c
-        .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM sessions", params![], |r| r.get(0))
         .unwrap();
     assert_eq!(
         n, 1,
@@ -88,12 +90,12 @@ fn metrics_db_accumulates_each_turns_cost_for_ov_costs() {
     );
     // The live view takes each agent's latest snapshot: the running total.
     let snaps: Vec<(i64, String)> = c
-        .prepare("SELECT input_tokens, created_at FROM token_snapshots WHERE agent_name='lead' ORDER BY id")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        .query_map(
+            "SELECT input_tokens, created_at FROM token_snapshots WHERE agent_name='lead' ORDER BY id",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
     assert_eq!(snaps.len(), 2, "one snapshot per turn");
     assert_eq!(snaps[0].0, turn_in);
     assert_eq!(snaps[1].0, 2 * turn_in);

@@ -41,8 +41,17 @@ impl Drop for PgSchema {
     }
 }
 
+/// A fresh schema; no server is a failure (the suite runs on PostgreSQL).
+pub fn pg_required() -> PgSchema {
+    pg_or_notice(true).expect("a server")
+}
+
 /// A fresh schema, or `None` (with a notice) when no server answers.
 pub fn pg() -> Option<PgSchema> {
+    pg_or_notice(std::env::var("RUNNER_TEST_PG").as_deref() == Ok("require"))
+}
+
+fn pg_or_notice(required: bool) -> Option<PgSchema> {
     static N: AtomicU32 = AtomicU32::new(0);
     let url = std::env::var("RUNNER_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
@@ -59,8 +68,10 @@ pub fn pg() -> Option<PgSchema> {
                     .subsec_nanos()
             ),
         }),
-        Err(e) if std::env::var("RUNNER_TEST_PG").as_deref() == Ok("require") => {
-            panic!("RUNNER_TEST_PG=require but PostgreSQL at {url} does not answer: {e}")
+        Err(e) if required => {
+            panic!(
+                "PostgreSQL is required (RUNNER_TEST_PG=require or RUNNER_TEST_STORE=postgres) but {url} does not answer: {e}"
+            )
         }
         Err(e) => {
             eprintln!(
@@ -73,7 +84,7 @@ pub fn pg() -> Option<PgSchema> {
 
 /// A root with two agents, a few turns, mail with awkward bodies, events.
 fn populated_root() -> TestRoot {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.agent("lead", "lead", None, &[]);
     t.agent("b1", "builder", Some("lead"), &["--lines", "3"]);
     t.mail(
@@ -132,7 +143,7 @@ fn store_migrate_copies_every_row_keeps_order_and_leaves_the_source() {
         );
     }
     // Arrival order, bodies and ids survive; the sequences continue after them.
-    let c = t.db("mail.db");
+    let c = t.sqlite_file("mail.db");
     let src: Vec<(i64, String, String)> = c
         .prepare("SELECT rowid, id, body FROM messages ORDER BY rowid")
         .unwrap()
@@ -298,7 +309,7 @@ fn bad_urls_and_foreign_schemas_are_one_line_with_the_password_hidden() {
     .status(2)
     .one_line_error("newer than this runner's");
     // No root: nothing to migrate.
-    let empty = TestRoot::new();
+    let empty = TestRoot::sqlite();
     empty
         .run(["store", "migrate", "--to", &pg.url])
         .status(2)
@@ -327,4 +338,86 @@ fn hosts_opening_at_once_migrate_once() {
     // And again: idempotent.
     let mut c = runner::store::pg::connect(&pg.url, &pg.schema).unwrap();
     runner::store::pg::schema::migrate(&mut c, &pg.url, &pg.schema).unwrap();
+}
+
+/// A newcomer's `cargo test` runs the integration suite on SQLite: say so.
+#[test]
+fn which_store_the_integration_suite_ran_on() {
+    if crate::testing_postgres() {
+        let t = TestRoot::new();
+        t.run(["init"]).status(0);
+        assert!(
+            !t.root().join("sessions.db").exists(),
+            "on PostgreSQL no table lives in the root"
+        );
+    } else {
+        eprintln!(
+            "NOTE: the integration suite ran on SQLite only; RUNNER_TEST_STORE=postgres cargo test --test it runs it on PostgreSQL (.ci/run runs both)"
+        );
+    }
+}
+
+/// `--store URL` (and the variable, and config.toml) points every command
+/// at PostgreSQL; `init --save` records it, and only then.
+#[test]
+fn init_with_a_store_url_creates_the_schema_and_save_records_it() {
+    let Some(pg) = pg() else { return };
+    let t = TestRoot::sqlite();
+    let env = [("RUNNER_STORE_SCHEMA", pg.schema.as_str())];
+    t.run_env(&env, ["--store", &pg.url, "init"]).status(0);
+    assert!(!t.root().join("config.toml").exists(), "no --save, no file");
+    assert_eq!(pg.i64("SELECT COUNT(*) FROM sessions"), 0);
+    t.run_env(&env, ["--store", &pg.url, "init", "--save"])
+        .status(0);
+    let cfg = std::fs::read_to_string(t.root().join("config.toml")).unwrap();
+    assert!(cfg.contains(&format!("url = \"{}\"", pg.url)), "{cfg}");
+    // From now on plain commands (with the schema) use PostgreSQL.
+    t.run_env(&env, ["agent", "add", "lead", "--capability", "lead"])
+        .status(0);
+    assert_eq!(pg.i64("SELECT COUNT(*) FROM sessions"), 1);
+    assert!(!t.root().join("sessions.db").exists());
+    // A second --save leaves the user's [store] table alone.
+    t.run_env(&env, ["--store", &pg.url, "init", "--save"])
+        .status(2)
+        .one_line_error("already has a [store] table");
+}
+
+/// Every command given a bad store: one line, 2 or 4, the password hidden,
+/// nothing written.
+#[test]
+fn every_command_refuses_a_bad_store_with_one_line() {
+    let Some(pg) = pg() else { return };
+    let t = TestRoot::sqlite();
+    pg.client()
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{s}\"; CREATE TABLE \"{s}\".theirs (x int)",
+            s = pg.schema
+        ))
+        .unwrap();
+    let unreachable = "postgres://u:hunter2@127.0.0.1:1/x";
+    let cases: &[(&str, i32, &str)] = &[
+        ("mysql://u:hunter2@h/x", 2, "invalid store URL"),
+        (unreachable, 4, "cannot reach PostgreSQL"),
+        (&pg.url, 2, "not a runner store"),
+    ];
+    for (url, code, needle) in cases {
+        for args in [
+            vec!["init"],
+            vec!["status"],
+            vec!["agent", "add", "b1", "--capability", "builder"],
+            vec!["mail", "send", "--from", "a", "--to", "b", "--body", "x"],
+            vec!["turn", "--agent", "b1", "--message", "x"],
+            vec!["sweep"],
+            vec!["turns"],
+            vec!["events"],
+        ] {
+            let mut full = vec!["--store", url];
+            full.extend(args);
+            let r = t.run_env(&[("RUNNER_STORE_SCHEMA", pg.schema.as_str())], &full);
+            r.status(*code).one_line_error(needle);
+            assert!(!r.stderr().contains("hunter2"), "{}", r.stderr());
+        }
+    }
+    assert!(!t.root().join("sessions.db").exists(), "nothing written");
+    assert_eq!(pg.i64("SELECT COUNT(*) FROM theirs"), 0);
 }

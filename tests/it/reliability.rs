@@ -161,7 +161,7 @@ fn stop_racing_the_natural_end() {
 /// A database locked past busy_timeout: one clear line, exit 4, nothing lost.
 #[test]
 fn a_locked_database_is_busy_not_broken() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.agent("b1", "builder", None, &[]);
     t.mail("lead", "b1", "kept");
     let c = t.db("mail.db");
@@ -181,17 +181,17 @@ fn a_locked_database_is_busy_not_broken() {
 /// A truncated database is reported and left as it is.
 #[test]
 fn a_truncated_database_is_reported_not_overwritten() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.agent("b1", "builder", None, &[]);
     for i in 0..200 {
-        t.db("mail.db")
+        t.sqlite_file("mail.db")
             .execute(
                 "INSERT INTO messages (id, from_agent, to_agent, subject, body, created_at) VALUES (?1,'a','b','s',?2,'x')",
                 rusqlite::params![format!("msg-{i:012}"), "x".repeat(500)],
             )
             .unwrap();
     }
-    t.db("mail.db")
+    t.sqlite_file("mail.db")
         .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
         .unwrap();
     let p = t.root().join("mail.db");

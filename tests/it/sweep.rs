@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use runner::store::db::{Cell, params};
+
 use crate::{TestRoot, signal, wait_child, wait_for};
 
 fn dump(t: &TestRoot) -> String {
@@ -17,19 +19,17 @@ fn dump(t: &TestRoot) -> String {
             "SELECT id, turn_id, line_no, event_type FROM events ORDER BY id",
         ),
     ] {
-        let c = t.db(db);
-        let mut st = c.prepare(sql).unwrap();
-        let n = st.column_count();
-        let rows = st
-            .query_map([], |r| {
-                Ok((0..n)
-                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+        let rows = t
+            .db(db)
+            .query_map(sql, params![], |r| {
+                Ok((0..r.len())
+                    .map(|i| format!("{:?}", r.get::<Cell>(i).unwrap()))
                     .collect::<Vec<_>>()
                     .join("|"))
             })
             .unwrap();
         for r in rows {
-            out.push_str(&r.unwrap());
+            out.push_str(&r);
             out.push('\n');
         }
     }
@@ -73,7 +73,7 @@ fn sweep_after_a_runner_is_killed_mid_stream() {
         .db("mail.db")
         .query_row(
             "SELECT tries, process_after, claimed_by FROM messages WHERE id=?1",
-            [&id],
+            params![id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
@@ -121,7 +121,7 @@ fn sweep_leaves_a_fresh_turn_and_its_agents_claims_alone() {
         .execute(
             "INSERT INTO messages (id, from_agent, to_agent, subject, body, type, priority, read, created_at, claimed_by, claimed_at, tries) \
              VALUES ('msg-orphan000001', 'x', 'b1', 's', 'b', 'status', 'normal', 0, '2026-01-01T00:00:00.000Z', 'dead-turn', '2026-01-01T00:00:00.000Z', 0)",
-            [],
+            params![],
         )
         .unwrap();
     let r = t.run(["sweep", "--json"]);
@@ -168,7 +168,7 @@ fn sweep_stops_a_live_turn_past_the_ceiling() {
     t.db("sessions.db")
         .execute(
             "UPDATE sessions SET last_activity='2026-01-01T00:00:00.000Z' WHERE agent_name='b1'",
-            [],
+            params![],
         )
         .unwrap();
     let dry = t.run_env(
@@ -242,7 +242,7 @@ fn sweep_respects_a_declared_tool_timeout_but_stops_a_frozen_runner() {
         t.db("sessions.db")
             .execute(
                 "UPDATE sessions SET last_activity=?1 WHERE agent_name='b1'",
-                [ts],
+                params![ts],
             )
             .unwrap()
     };

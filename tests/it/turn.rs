@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use runner::store::db::params;
+
 use crate::{TestRoot, wait_child, wait_for};
 
 fn fixture(p: &str) -> String {
@@ -14,7 +16,7 @@ fn mail_row(t: &TestRoot, id: &str) -> (i64, i64, Option<String>, Option<String>
     t.db("mail.db")
         .query_row(
             "SELECT read, tries, claimed_by, process_after, dead_at FROM messages WHERE id=?1",
-            [id],
+            params![id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .unwrap()
@@ -76,7 +78,7 @@ fn exited_without_terminal_mail_tells_the_parent_once() {
         .db("mail.db")
         .query_row(
             "SELECT subject, priority, payload FROM messages WHERE type='worker_died'",
-            [],
+            params![],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
@@ -268,14 +270,13 @@ fn event_mapping_table_and_tool_durations() {
     );
     t.run(["turn", "--agent", "b1", "--message", "x"]).status(0);
     let c = t.db("events.db");
-    let mut st = c
-        .prepare("SELECT event_type, level, tool_name, tool_duration_ms FROM events WHERE line_no IS NOT NULL ORDER BY id")
+    let rows: Vec<(String, String, Option<String>, Option<i64>)> = c
+        .query_map(
+            "SELECT event_type, level, tool_name, tool_duration_ms FROM events WHERE line_no IS NOT NULL ORDER BY id",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
         .unwrap();
-    let rows: Vec<(String, String, Option<String>, Option<i64>)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
     let kinds: Vec<(&str, &str)> = rows
         .iter()
         .map(|(a, b, _, _)| (a.as_str(), b.as_str()))

@@ -82,18 +82,15 @@ fn a_tool_duration_is_on_both_the_start_and_the_end_row() {
     );
     t.run(["turn", "--agent", "b1", "--message", "go", "--json"])
         .status(0);
-    let c = t.db("events.db");
-    let mut st = c
-        .prepare(
+    let rows: Vec<(String, String, Option<i64>)> = t
+        .db("events.db")
+        .query_map(
             "SELECT event_type, tool_name, tool_duration_ms FROM events \
              WHERE event_type IN ('tool_start','tool_end') ORDER BY id",
+            &[],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
-    let rows: Vec<(String, String, Option<i64>)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
     let shape: Vec<(&str, &str)> = rows
         .iter()
         .map(|(e, n, _)| (e.as_str(), n.as_str()))

@@ -7,9 +7,9 @@
 //! migrations run in one transaction under an advisory lock, so hosts that
 //! open at once migrate once; a schema that holds tables but no
 //! `runner_meta` is not ours and is never written; a schema from a newer
-//! runner is refused. Non-goal (yet): running turns on PostgreSQL — the
-//! store seam that lets every command use this backend is the next step
-//! (see README, "Fleet mode: status").
+//! runner is refused; a server out of connection slots is retried briefly,
+//! then reported as busy. Queries go through the store seam
+//! ([`super::db::Db`]); this module only connects, migrates and copies.
 
 pub mod copy;
 pub mod schema;
@@ -18,6 +18,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use postgres::config::SslMode;
+use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls};
 
 /// Errors of the PostgreSQL layer. Exit codes: see `error::exit_code`.
@@ -140,7 +141,12 @@ pub fn connect(url: &str, schema: &str) -> Result<Client> {
     }
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(30));
-    let mut client = config.connect(NoTls).map_err(|e| match e.as_db_error() {
+    let mut client = connect_retrying(&config).map_err(|e| match e.as_db_error() {
+        // Out of connection slots: busy, like a server that does not answer.
+        Some(db) if *db.code() == SqlState::TOO_MANY_CONNECTIONS => PgError::Unreachable {
+            url: shown.clone(),
+            detail: db.message().to_string(),
+        },
         // The server answered: bad credentials, an unknown database…
         Some(db) => PgError::Refused {
             url: shown.clone(),
@@ -155,6 +161,32 @@ pub fn connect(url: &str, schema: &str) -> Result<Client> {
         .batch_execute(&format!("SET search_path TO \"{schema}\""))
         .map_err(|e| query_error("setting the search path", &e))?;
     Ok(client)
+}
+
+/// How long a connection is retried while the server is out of connection
+/// slots (a burst of short-lived commands) before giving up as busy.
+const SLOTS_WAIT: Duration = Duration::from_secs(20);
+
+/// Connects, retrying with backoff while the server has no free slot.
+fn connect_retrying(config: &Config) -> std::result::Result<Client, postgres::Error> {
+    let until = std::time::Instant::now() + SLOTS_WAIT;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match config.connect(NoTls) {
+            Err(e)
+                if e.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
+                    && std::time::Instant::now() + pause < until =>
+            {
+                // Jitter, so a burst of waiting commands does not retry in step.
+                let jitter = u64::from(crate::os::random_alnum(1).as_bytes()[0] % 16);
+                std::thread::sleep(
+                    pause + Duration::from_millis(jitter * pause.as_millis() as u64 / 16),
+                );
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// The most specific message of a `postgres::Error` (its source chain).

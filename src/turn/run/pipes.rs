@@ -109,7 +109,7 @@ impl Running<'_> {
     fn start_writer(&mut self, ex: &mut Execution) -> Option<events::Writer> {
         let conn = match self.turn.events.take() {
             Some(c) => Ok(c),
-            None => crate::store::events::open(&self.ctx.root.dir),
+            None => events::open_backend(&self.ctx.root.dir, &self.ctx.config.store),
         };
         match conn.and_then(|c| events::Writer::start(c, self.turn.tag.clone())) {
             Ok(w) => Some(w),
