@@ -24,12 +24,14 @@ use crate::config::{self, Config};
 use crate::ctx::Ctx;
 use crate::root::Root;
 use crate::state::State;
+use crate::store::db::off_runtime;
 use crate::store::health::{self, Health};
 use crate::store::mail::{self as mailstore, ListFilter};
+use crate::store::pg;
 use crate::store::schema::SCHEMA_VERSION;
 use crate::store::sessions::{self, Session};
 use crate::store::turns;
-use crate::store::{Store, StoreError};
+use crate::store::{Backend, Store, StoreError};
 use crate::sweep::{self, Action};
 
 /// How long a CLI's `--version` may take.
@@ -128,9 +130,13 @@ pub async fn run(root: &Path) -> Report {
     if check_root(&mut c, root) {
         check_modes(&mut c, root);
         check_space(&mut c, root);
-        let stores_ok = check_stores(&mut c, root);
         let config = check_config(&mut c, root);
+        let stores_ok = match &config.store {
+            Backend::Sqlite => check_stores(&mut c, root),
+            Backend::Postgres { url, schema } => check_pg_store(&mut c, url, schema),
+        };
         check_capabilities(&mut c, root);
+        let config_is_sqlite = config.store == Backend::Sqlite;
         if stores_ok {
             check_agents(&mut c, root, config).await;
         } else {
@@ -140,10 +146,9 @@ pub async fn run(root: &Path) -> Report {
                 "fix the stores first, then run runner doctor again".into(),
             );
         }
-        c.ok(
-            "fleet",
-            "single-host root; fleet mode (PostgreSQL) has no checks yet: runner has no PostgreSQL store".into(),
-        );
+        if config_is_sqlite {
+            c.ok("fleet", "single-host root (SQLite): no fleet checks".into());
+        }
     }
     let ok = c.0.iter().all(|k| k.level != Level::Fail);
     Report {
@@ -303,6 +308,105 @@ fn check_stores(c: &mut Checks, root: &Path) -> bool {
         c.add(name, verdict.0, verdict.1, verdict.2);
     }
     all_ok
+}
+
+/// A PostgreSQL store (SPEC §12): the server answers, the schema is
+/// runner's and current, and this host's clock agrees with the database's
+/// (expiries are judged by the database's clock; warn past 2 s). Reads only.
+fn check_pg_store(c: &mut Checks, url: &str, schema: &str) -> bool {
+    let shown = pg::redact(url);
+    let name = format!("store {shown} schema {schema}");
+    let looked = off_runtime(|| -> Result<(Option<i64>, f64), String> {
+        let mut client = pg::connect(url, schema).map_err(|e| e.to_string())?;
+        let ours: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.tables
+                                WHERE table_schema = $1 AND table_name = 'runner_meta')",
+                &[&schema],
+            )
+            .map_err(|e| pg::error_detail(&e))?
+            .get(0);
+        let version = if ours {
+            client
+                .query_opt(
+                    "SELECT value FROM runner_meta WHERE key = 'schema_version'",
+                    &[],
+                )
+                .map_err(|e| pg::error_detail(&e))?
+                .and_then(|r| r.get::<_, String>(0).parse().ok())
+        } else {
+            None
+        };
+        let db_now: f64 = client
+            .query_one("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8", &[])
+            .map_err(|e| pg::error_detail(&e))?
+            .get(0);
+        let here = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        Ok((version, here - db_now))
+    });
+    let (version, skew) = match looked {
+        Ok(x) => x,
+        Err(e) => {
+            c.fail(
+                name,
+                e,
+                "check [store] url (or RUNNER_STORE_URL) and that the server is running".into(),
+            );
+            return false;
+        }
+    };
+    let ok = match version {
+        Some(v) if v == pg::schema::SCHEMA_VERSION => {
+            c.ok(name, format!("answers; schema version {v}"));
+            true
+        }
+        Some(v) if v > pg::schema::SCHEMA_VERSION => {
+            c.fail(
+                name,
+                format!(
+                    "schema version {v} is newer than this runner's {}",
+                    pg::schema::SCHEMA_VERSION
+                ),
+                "upgrade runner on this host".into(),
+            );
+            false
+        }
+        Some(v) => {
+            c.warn(
+                name,
+                format!(
+                    "schema version {v} is older than this runner's {}",
+                    pg::schema::SCHEMA_VERSION
+                ),
+                "the next runner command migrates it".into(),
+            );
+            false
+        }
+        None => {
+            c.warn(
+                name,
+                "the schema holds no runner store yet".into(),
+                format!("run `runner init --store {shown}`"),
+            );
+            false
+        }
+    };
+    if skew.abs() > 2.0 {
+        c.warn(
+            "clock",
+            format!("this host's clock is {skew:+.1} s off the database's"),
+            "synchronise this host's clock (NTP)".into(),
+        );
+    } else {
+        c.ok(
+            "clock",
+            format!("within {:.0} ms of the database's", skew.abs() * 1000.0),
+        );
+    }
+    ok
 }
 
 fn store_verdict(
@@ -504,7 +608,7 @@ async fn check_agents(c: &mut Checks, root: &Path, config: Config) {
         config,
         json: false,
     };
-    let listed = Store::open(root).and_then(|store| {
+    let listed = Store::open_backend(root, &ctx.config.store).and_then(|store| {
         let all = sessions::list(&store.conn)?;
         Ok((store, all))
     });
