@@ -1,3 +1,5 @@
+//! The dashboard reads the SQLite files only (`FleetViews` has one
+//! implementation so far), so these roots are SQLite on both passes.
 //! The HTTP side (`runner web`, `runner serve --http`): status codes,
 //! content types, token rules on loopback and non-loopback addresses, the
 //! metrics text parsed back by a Prometheus parser, escaping of agent text,
@@ -180,7 +182,7 @@ fn hostile_agent(t: &TestRoot, name: &str, silent_ms: u64) {
 
 #[test]
 fn endpoints_answer_with_their_status_and_content_type() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.agent(
         "a1",
         "builder",
@@ -281,7 +283,7 @@ fn endpoints_answer_with_their_status_and_content_type() {
 
 #[test]
 fn live_feed_polls_only_while_watched() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.agent("a1", "builder", None, &[]);
     let web = start(&t, &["web", "--http", "127.0.0.1:0"], &[]);
     let a = web.addr.clone();
@@ -329,7 +331,7 @@ fn live_feed_polls_only_while_watched() {
 
 #[test]
 fn agent_text_shows_escaped_on_every_page() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     hostile_agent(&t, "evil", 0);
     t.mail("lead", "evil", "go");
     let turn = t.run(["turn", "--agent", "evil", "--json"]);
@@ -352,7 +354,7 @@ fn agent_text_shows_escaped_on_every_page() {
 
 #[test]
 fn tokens_guard_every_request_and_non_loopback_needs_one() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.run(["init"]).status(0);
     t.run(["web", "--http", "0.0.0.0:0"])
         .status(2)
@@ -424,7 +426,7 @@ fn tokens_guard_every_request_and_non_loopback_needs_one() {
 
 #[test]
 fn healthz_says_why_when_the_store_does_not_answer() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     // No `init`: there is no store, and a read-only server must not make one.
     let web = start(&t, &["web", "--http", "127.0.0.1:0"], &[]);
     let h = get(&web.addr, "/healthz", &[]);
@@ -438,7 +440,7 @@ fn healthz_says_why_when_the_store_does_not_answer() {
 
 #[test]
 fn serve_http_counts_turns_and_sweeps() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.agent("a1", "builder", None, &[]);
     std::fs::write(
         t.root().join("config.toml"),
@@ -629,7 +631,7 @@ fn browser_shows_a_new_turn_live_and_hostile_text_as_text() {
         );
         return;
     };
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     hostile_agent(&t, "evil", 8000);
     let web = start(&t, &["web", "--http", "127.0.0.1:0"], &[]);
     let a = web.addr.clone();

@@ -412,7 +412,7 @@ fn healthy(t: &TestRoot) -> String {
 
 #[test]
 fn doctor_on_a_healthy_root_reports_all_ok() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     let claude = healthy(&t);
     let (code, checks) = doctor(&t, &[("RUNNER_RUNTIME_CLAUDE_BIN", &claude)]);
     assert_eq!(code, 0, "{checks:#?}");
@@ -454,7 +454,7 @@ fn doctor_on_a_healthy_root_reports_all_ok() {
 
 #[test]
 fn doctor_fails_on_a_missing_root_and_creates_nothing() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     let (code, checks) = doctor(&t, &[]);
     assert_eq!(code, 1);
     expect(&checks, "root", "fail", "runner init");
@@ -467,7 +467,7 @@ fn doctor_fails_on_a_missing_root_and_creates_nothing() {
 
 #[test]
 fn doctor_fails_on_a_read_only_root() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     on_small_disk(&t, "16m", "doctor_fails_on_a_read_only_root", |fs| {
         t.run(["init"]).status(0);
         fs.remount("ro");
@@ -480,7 +480,7 @@ fn doctor_fails_on_a_read_only_root() {
 #[test]
 fn doctor_warns_on_modes_open_to_others() {
     use std::os::unix::fs::PermissionsExt;
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.run(["init"]).status(0);
     std::fs::set_permissions(
         t.root().join("mail.db"),
@@ -495,7 +495,7 @@ fn doctor_warns_on_modes_open_to_others() {
 
 #[test]
 fn doctor_warns_when_the_roots_filesystem_is_nearly_full() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     on_small_disk(
         &t,
         "8m",
@@ -512,7 +512,7 @@ fn doctor_warns_when_the_roots_filesystem_is_nearly_full() {
 
 #[test]
 fn doctor_fails_on_a_store_that_is_not_ours() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.run(["init"]).status(0);
     std::fs::remove_file(t.root().join("mail.db-wal")).ok();
     std::fs::remove_file(t.root().join("mail.db-shm")).ok();
@@ -535,7 +535,7 @@ fn doctor_fails_on_a_store_that_is_not_ours() {
 
 #[test]
 fn doctor_reports_schema_versions_older_and_newer() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.run(["init"]).status(0);
     t.db("sessions.db")
         .execute_batch("PRAGMA user_version = 0")
@@ -554,7 +554,7 @@ fn doctor_reports_schema_versions_older_and_newer() {
 
 #[test]
 fn doctor_fails_a_store_that_fails_the_integrity_check() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.agent(
         "a",
         "builder",
@@ -585,7 +585,7 @@ fn doctor_fails_a_store_that_fails_the_integrity_check() {
 
 #[test]
 fn doctor_fails_on_config_typos_bad_values_and_bad_syntax() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.run(["init"]).status(0);
     let config = t.root().join("config.toml");
     std::fs::write(&config, "[turn]\nstall_timout = \"1m\"\n").unwrap();
@@ -617,7 +617,7 @@ fn doctor_fails_on_config_typos_bad_values_and_bad_syntax() {
 
 #[test]
 fn doctor_fails_on_a_capability_file_that_does_not_parse() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.run(["init"]).status(0);
     std::fs::create_dir_all(t.root().join("capabilities")).unwrap();
     std::fs::write(t.root().join("capabilities/broken.md"), "no front matter\n").unwrap();
@@ -629,7 +629,7 @@ fn doctor_fails_on_a_capability_file_that_does_not_parse() {
 
 #[test]
 fn doctor_checks_the_cli_of_every_runtime_in_use() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.run(["init"]).status(0);
     let wt = t.path().display().to_string();
     for (name, runtime) in [("c", "claude"), ("x", "codex")] {
@@ -682,7 +682,7 @@ fn doctor_checks_the_cli_of_every_runtime_in_use() {
 
 #[test]
 fn doctor_counts_what_the_sweep_would_repair_and_the_sweep_clears_it() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.agent("crashed", "builder", None, &[]);
     t.agent("idle", "builder", None, &[]);
     t.mail("lead", "crashed", "x");
@@ -722,7 +722,7 @@ fn doctor_counts_what_the_sweep_would_repair_and_the_sweep_clears_it() {
 
 #[test]
 fn doctor_lists_stalled_or_zombie_agents_that_runner_did_not_mark() {
-    let t = TestRoot::new();
+    let t = TestRoot::sqlite();
     t.agent("ov-zombie", "builder", None, &["--result", "error"]);
     t.agent("ov-stalled", "builder", None, &[]);
     t.agent("own-zombie", "builder", None, &["--stall"]);

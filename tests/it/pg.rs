@@ -19,7 +19,7 @@ pub struct PgSchema {
 
 impl PgSchema {
     pub fn client(&self) -> postgres::Client {
-        let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+        let mut c = connect(&self.url).unwrap();
         c.batch_execute(&format!("SET search_path TO \"{}\"", self.schema))
             .unwrap();
         c
@@ -32,11 +32,29 @@ impl PgSchema {
 
 impl Drop for PgSchema {
     fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.url, postgres::NoTls) {
+        if let Ok(mut c) = connect(&self.url) {
             let _ = c.batch_execute(&format!(
                 "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
                 self.schema
             ));
+        }
+    }
+}
+
+/// Connects to the test server. A server out of connection slots (the
+/// reliability tests run hundreds of turns at once, each with its own
+/// connection) is waited for, with a deadline; any other error is returned.
+fn connect(url: &str) -> Result<postgres::Client, postgres::Error> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match postgres::Client::connect(url, postgres::NoTls) {
+            Err(e)
+                if e.code() == Some(&postgres::error::SqlState::TOO_MANY_CONNECTIONS)
+                    && std::time::Instant::now() < until =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
         }
     }
 }
@@ -55,7 +73,7 @@ fn pg_or_notice(required: bool) -> Option<PgSchema> {
     static N: AtomicU32 = AtomicU32::new(0);
     let url = std::env::var("RUNNER_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    match postgres::Client::connect(&url, postgres::NoTls) {
+    match connect(&url) {
         Ok(_) => Some(PgSchema {
             url,
             schema: format!(
@@ -420,4 +438,53 @@ fn every_command_refuses_a_bad_store_with_one_line() {
     }
     assert!(!t.root().join("sessions.db").exists(), "nothing written");
     assert_eq!(pg.i64("SELECT COUNT(*) FROM theirs"), 0);
+}
+
+/// `runner doctor` on a PostgreSQL root: the store answers and is current,
+/// the clock agrees; a schema from a newer runner fails, one not created
+/// yet warns; the password is never shown.
+#[test]
+fn doctor_checks_a_postgresql_store_and_the_clock() {
+    let Some(pg) = pg() else { return };
+    let t = TestRoot::sqlite();
+    let with_pw = pg
+        .url
+        .replacen("postgres://postgres@", "postgres://postgres:hunter2@", 1);
+    let env = [
+        ("RUNNER_STORE_URL", with_pw.as_str()),
+        ("RUNNER_STORE_SCHEMA", pg.schema.as_str()),
+    ];
+    let check = |r: &crate::Run, name_part: &str| -> serde_json::Value {
+        assert!(!r.stdout().contains("hunter2"), "{}", r.stdout());
+        r.json()["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"].as_str().unwrap().contains(name_part))
+            .unwrap_or_else(|| panic!("no check {name_part}: {}", r.stdout()))
+            .clone()
+    };
+    // Not created yet: a warning with the command that creates it.
+    t.run(["init"]).status(0);
+    let r = t.run_env(&env, ["doctor", "--json"]);
+    let store = check(&r, "schema");
+    assert_eq!(store["level"], "warn", "{store}");
+    assert!(store.to_string().contains("runner init --store"), "{store}");
+    // Created: ok, and the clock agrees with the database's.
+    t.run_env(&env, ["status"]).status(0);
+    let r = t.run_env(&env, ["doctor", "--json"]);
+    assert_eq!(check(&r, "schema")["level"], "ok", "{}", r.stdout());
+    assert_eq!(check(&r, "clock")["level"], "ok", "{}", r.stdout());
+    assert!(
+        !r.stdout().contains("store sessions.db"),
+        "no SQLite store checks on a PostgreSQL root: {}",
+        r.stdout()
+    );
+    // A newer runner's schema fails.
+    pg.client()
+        .batch_execute("UPDATE runner_meta SET value = '99' WHERE key = 'schema_version'")
+        .unwrap();
+    let r = t.run_env(&env, ["doctor", "--json"]);
+    assert_eq!(r.code(), 1, "{}", r.stdout());
+    assert_eq!(check(&r, "schema")["level"], "fail", "{}", r.stdout());
 }
