@@ -147,7 +147,11 @@ pub async fn run(root: &Path) -> Report {
             );
         }
         if config_is_sqlite {
-            c.ok("fleet", "single-host root (SQLite): no fleet checks".into());
+            c.ok(
+                "fleet",
+                "single-host root (SQLite): the fleet checks (clock, schema) apply to a PostgreSQL store"
+                    .into(),
+            );
         }
     }
     let ok = c.0.iter().all(|k| k.level != Level::Fail);
