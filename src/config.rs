@@ -34,6 +34,8 @@ struct RawFile {
     serve: Option<RawServe>,
     http: Option<RawHttp>,
     store: Option<RawStore>,
+    host: Option<RawHost>,
+    fleet: Option<RawFleet>,
     runtime: Option<BTreeMap<String, RawRuntime>>,
 }
 
@@ -83,6 +85,21 @@ struct RawStore {
     schema: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    heartbeat: Option<String>,
+    lease_ttl: Option<String>,
+    grace: Option<String>,
+    host_stale: Option<String>,
+}
+
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
@@ -96,7 +113,7 @@ struct RawRuntime {
 /// Every key config.toml accepts, by section (`runtime` sections take
 /// [`RUNTIME_KEYS`]). Kept next to the `Raw*` structs; a test checks that
 /// the parser accepts each one.
-pub const KNOWN_KEYS: [(&str, &[&str]); 6] = [
+pub const KNOWN_KEYS: [(&str, &[&str]); 8] = [
     (
         "turn",
         &[
@@ -113,6 +130,8 @@ pub const KNOWN_KEYS: [(&str, &[&str]); 6] = [
     ("serve", &["poll", "max_concurrent", "http"]),
     ("http", &["token"]),
     ("store", &["url", "schema"]),
+    ("host", &["id"]),
+    ("fleet", &["heartbeat", "lease_ttl", "grace", "host_stale"]),
 ];
 pub const RUNTIME_KEYS: [&str; 5] = ["bin", "args", "env", "permission_mode", "unattended"];
 pub const RUNTIME_NAMES: [&str; 3] = ["claude", "codex", "gemini"];
@@ -239,6 +258,70 @@ pub struct Config {
     pub store: Backend,
     /// `[store] schema` / `RUNNER_STORE_SCHEMA`, kept for a URL set later.
     store_schema: String,
+    /// `[host] id` / `RUNNER_HOST_ID` (default: the machine's hostname,
+    /// made to fit the name pattern; SPEC §12.2).
+    pub host_id: String,
+    /// The fleet's timings (SPEC §12.3, §12.5).
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]`: how often hosts and lease holders beat, how long a lease
+/// lives unrenewed, how long the sweep waits past expiry, and when a
+/// silent host is offline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FleetConfig {
+    pub heartbeat: Duration,
+    pub lease_ttl: Duration,
+    pub grace: Duration,
+    pub host_stale: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            heartbeat: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(60),
+            grace: Duration::from_secs(60),
+            host_stale: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The machine's hostname made into a valid name (SPEC §1 pattern):
+/// characters outside it become `-`, cut to 64; `host` when nothing is left.
+pub fn default_host_id() -> String {
+    let raw = crate::os::hostname();
+    let mut id: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    id = id.trim_start_matches(['-', '_', '.']).to_string();
+    id.truncate(64);
+    if !crate::root::valid_name(&id) {
+        return "host".into();
+    }
+    id
+}
+
+fn host_id(src: &str, v: &str) -> Result<String, ConfigError> {
+    if crate::root::valid_name(v) {
+        Ok(v.to_string())
+    } else {
+        Err(err(
+            src,
+            "host.id",
+            format!(
+                "invalid host id '{}': use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+                v.escape_debug()
+            ),
+        ))
+    }
 }
 
 /// The default PostgreSQL schema (SPEC §12.1).
@@ -277,6 +360,8 @@ impl Default for Config {
             gemini: rt("gemini"),
             store: Backend::Sqlite,
             store_schema: DEFAULT_SCHEMA.into(),
+            host_id: String::new(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -291,6 +376,14 @@ fn err(source_name: &str, key: &str, detail: impl Into<String>) -> ConfigError {
 
 fn dur(src: &str, key: &str, v: &str) -> Result<Duration, ConfigError> {
     parse_duration(v).map_err(|e| err(src, key, e))
+}
+
+fn positive(src: &str, key: &str, v: &str) -> Result<Duration, ConfigError> {
+    let d = dur(src, key, v)?;
+    if d.is_zero() {
+        return Err(err(src, key, "must be more than 0"));
+    }
+    Ok(d)
 }
 
 /// A token is sent in headers, query strings and a cookie: at least 16
@@ -422,6 +515,25 @@ impl Config {
                 self.serve_http = Some(v);
             }
         }
+        if let Some(h) = raw.host
+            && let Some(v) = h.id
+        {
+            self.host_id = host_id(f, &v)?;
+        }
+        if let Some(fl) = raw.fleet {
+            if let Some(v) = fl.heartbeat {
+                self.fleet.heartbeat = positive(f, "fleet.heartbeat", &v)?;
+            }
+            if let Some(v) = fl.lease_ttl {
+                self.fleet.lease_ttl = positive(f, "fleet.lease_ttl", &v)?;
+            }
+            if let Some(v) = fl.grace {
+                self.fleet.grace = dur(f, "fleet.grace", &v)?;
+            }
+            if let Some(v) = fl.host_stale {
+                self.fleet.host_stale = positive(f, "fleet.host_stale", &v)?;
+            }
+        }
         if let Some(h) = raw.http
             && let Some(v) = h.token
         {
@@ -494,6 +606,17 @@ impl Config {
                 }
                 "RUNNER_SERVE_HTTP" => self.serve_http = Some(v.clone()),
                 "RUNNER_HTTP_TOKEN" => self.http_token = Some(check_token(&src, "http.token", v)?),
+                "RUNNER_HOST_ID" => self.host_id = host_id(&src, v)?,
+                "RUNNER_FLEET_HEARTBEAT" => {
+                    self.fleet.heartbeat = positive(&src, "fleet.heartbeat", v)?
+                }
+                "RUNNER_FLEET_LEASE_TTL" => {
+                    self.fleet.lease_ttl = positive(&src, "fleet.lease_ttl", v)?
+                }
+                "RUNNER_FLEET_GRACE" => self.fleet.grace = d("fleet.grace")?,
+                "RUNNER_FLEET_HOST_STALE" => {
+                    self.fleet.host_stale = positive(&src, "fleet.host_stale", v)?
+                }
                 _ => {
                     if let Some(rest) = k.strip_prefix("RUNNER_RUNTIME_") {
                         self.apply_runtime_env(rest, v, &src)?;
@@ -506,6 +629,9 @@ impl Config {
         }
         if let Some(v) = vars.get("RUNNER_STORE_URL") {
             self.set_store_url(v, "environment variable RUNNER_STORE_URL")?;
+        }
+        if self.host_id.is_empty() {
+            self.host_id = default_host_id();
         }
         Ok(())
     }
@@ -622,6 +748,7 @@ mod tests {
                 "token" => "\"abcdefghijklmnop\"",
                 "url" => "\"sqlite\"",
                 "schema" => "\"runner\"",
+                "id" => "\"host-a\"",
                 _ => "\"1s\"",
             };
             let text = format!("[{table}]\n{leaf} = {value}\n");
@@ -664,6 +791,29 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("RUNNER_HTTP_TOKEN"), "{e}");
         assert_eq!(Config::default().serve_http, None);
+    }
+
+    #[test]
+    fn host_and_fleet_settings() {
+        let file = "[host]\nid = \"web-1\"\n[fleet]\nheartbeat = \"2s\"\nlease_ttl = \"9s\"\n";
+        let c = Config::from_parts(
+            Some(file),
+            "c",
+            &vars(&[("RUNNER_FLEET_GRACE", "3s"), ("RUNNER_HOST_ID", "b-2")]),
+        )
+        .unwrap();
+        assert_eq!(c.host_id, "b-2");
+        assert_eq!(c.fleet.heartbeat, Duration::from_secs(2));
+        assert_eq!(c.fleet.lease_ttl, Duration::from_secs(9));
+        assert_eq!(c.fleet.grace, Duration::from_secs(3));
+        assert_eq!(c.fleet.host_stale, Duration::from_secs(60));
+        let c = Config::from_parts(None, "c", &vars(&[])).unwrap();
+        assert!(crate::root::valid_name(&c.host_id), "{}", c.host_id);
+        let e = Config::from_parts(Some("[host]\nid = \"a b\"\n"), "c", &vars(&[])).unwrap_err();
+        assert!(e.to_string().contains("host.id"), "{e}");
+        let e =
+            Config::from_parts(None, "c", &vars(&[("RUNNER_FLEET_LEASE_TTL", "0s")])).unwrap_err();
+        assert!(e.to_string().contains("RUNNER_FLEET_LEASE_TTL"), "{e}");
     }
 
     #[test]
