@@ -19,6 +19,7 @@ impl Ctx {
     pub fn new(root: &Path, json: bool) -> Result<Ctx> {
         let root = Root::prepare(&absolute_root(root)?)?;
         let config = Config::load(&root.dir)?;
+        crate::store::pg::set_idle_in_transaction_timeout(config.fleet.grace);
         Ok(Ctx { root, config, json })
     }
 

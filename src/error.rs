@@ -37,6 +37,16 @@ pub enum Error {
     /// The disk under the root failed a read or write. Exit 74.
     #[error("I/O error under {path}: {detail}; check the disk, then run runner sweep")]
     DiskFault { path: String, detail: String },
+    /// Fleet mode: this runner lost its agent's lease to the fleet; the
+    /// turn's processes are dead and nothing more was written. Exit 75.
+    #[error(
+        "lease lost: agent {agent}'s turn {turn_id} was fenced by the fleet ({detail}); its processes were ended and nothing more was written"
+    )]
+    LeaseLost {
+        agent: String,
+        turn_id: String,
+        detail: String,
+    },
     /// A bug. Exit 70.
     #[error("internal error: {0} (this is a bug in runner: please report it)")]
     Internal(String),
@@ -117,13 +127,15 @@ impl Error {
     }
 }
 
-/// SPEC §10.3: 2 usage/input, 4 busy, 70 internal, 74 a full or failing disk.
+/// SPEC §10.3: 2 usage/input, 4 busy, 70 internal, 74 a full or failing
+/// disk; §12.7: 75 lease lost.
 pub fn exit_code(e: &Error) -> i32 {
     if e.disk_trouble().is_some() {
         return 74;
     }
     match e {
         Error::DiskFull { .. } | Error::DiskFault { .. } => 74,
+        Error::LeaseLost { .. } | Error::Store(StoreError::LeaseLost { .. }) => 75,
         Error::Usage(_) | Error::Root(_) | Error::Config(_) | Error::Capability(_) => 2,
         Error::Store(StoreError::Locked { .. }) => 4,
         Error::Store(StoreError::NotOurs { .. }) | Error::Store(StoreError::Io { .. }) => 2,

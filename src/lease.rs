@@ -34,9 +34,13 @@ pub enum LeaseError {
 
 fn busy_message(agent: &str, holder: &Option<Box<LeaseInfo>>) -> String {
     match holder {
-        Some(h) => format!(
+        Some(h) if h.host.is_empty() => format!(
             "agent {agent} is busy: turn {} (runner pid {}) since {}",
             h.turn_id, h.runner_pid, h.acquired_at
+        ),
+        Some(h) => format!(
+            "agent {agent} is busy: turn {} (runner pid {} on host {}) since {}",
+            h.turn_id, h.runner_pid, h.host, h.acquired_at
         ),
         None => format!("agent {agent} is busy: its lease is held by another process"),
     }

@@ -308,7 +308,23 @@ pub fn mail_send(ctx: &Ctx, req: SendRequest) -> Result<String> {
         payload: req.payload,
         turn_id,
     };
-    Ok(mailstore::insert(&store.conn, &m, &clock::now())?)
+    // Fleet mode: mail an agent sends from inside a turn is that turn's
+    // write, fenced by its lease (SPEC §12.3): refused (exit 75) once the
+    // fleet took the turn over.
+    let fenced_turn = m.turn_id.clone().filter(|_| store.conn.is_pg());
+    let mut store = store;
+    Ok(store.tx("sending mail", |tx| {
+        if let Some(t) = &fenced_turn
+            && !crate::store::leases::turn_is_current(tx, t)?
+        {
+            return Err(crate::store::StoreError::LeaseLost {
+                agent: m.from_agent.clone(),
+                token: 0,
+                context: format!("this mail was sent: turn {t} no longer holds its lease"),
+            });
+        }
+        mailstore::insert(tx, &m, &clock::now())
+    })?)
 }
 
 pub fn mail_list(ctx: &Ctx, f: ListFilter) -> Result<Vec<Message>> {

@@ -96,6 +96,10 @@ pub struct Report {
     pub states_fixed: u64,
     pub turns_stopped: u64,
     pub due_agents: u64,
+    /// Fleet mode: expired leases of any host repaired (SPEC §12.5).
+    pub leases_expired: u64,
+    /// Fleet mode: hosts this pass marked `offline`.
+    pub hosts_offline: u64,
     pub errors: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub error_messages: Vec<String>,
@@ -120,6 +124,11 @@ pub fn reclaim(ctx: &Ctx, store: &mut Store, agent: &str, cap: &Capability) -> R
         if spawn::terminate_blocking(&procs, ctx.config.grace) {
             rep.groups_killed += 1;
         }
+        // A turn the fleet finished while this host was silent (SPEC §12.5):
+        // its row stays as repaired; the lines it received are facts.
+        if !info.turn_id.is_empty() && turns::get(&store.conn, &info.turn_id)?.is_some() {
+            replay_turn(ctx, store, agent, &info.turn_id)?;
+        }
     }
     for t in open.drain(..) {
         rep.orphan_turns += 1;
@@ -136,51 +145,26 @@ pub fn reclaim(ctx: &Ctx, store: &mut Store, agent: &str, cap: &Capability) -> R
     }
     let _ = std::fs::remove_file(&pid_path);
 
-    let session = sessions::get(&store.conn, agent)?;
-    let completed = session.as_ref().and_then(Session::state) == Some(State::Completed);
     let now_t = SystemTime::now();
-    let now = clock::format_ts(now_t);
-    let cfg = &ctx.config;
+    let completed = sessions::get(&store.conn, agent)?
+        .as_ref()
+        .and_then(Session::state)
+        == Some(State::Completed);
     let fate = if completed {
         Fate::Release
     } else {
         Fate::Retry
     };
     let (settled, fixed) = store.tx("releasing orphan claims", |tx| {
-        let settled = claim::settle(
+        settle_orphans(
             tx,
+            ctx,
+            agent,
             Scope::Agent(agent),
             fate,
             now_t,
-            cfg.max_tries,
-            cfg.backoff_base,
             "runner died",
-        )?;
-        let mut fixed = 0;
-        if settled.dead > 0
-            && let Some(s) = &session
-            && sessions::cas(tx, agent, State::Zombie, &now)?.applied()
-        {
-            fixed += 1;
-            if let Some(parent) = s.parent_agent.as_deref().filter(|p| !p.is_empty()) {
-                let m = worker_died(&Died {
-                    agent,
-                    capability: &s.capability,
-                    task_id: &s.task_id,
-                    parent,
-                    reason: "retries exhausted",
-                    last_activity: &s.last_activity,
-                    turn_id: None,
-                });
-                mailstore::insert(tx, &m, &now)?;
-            }
-        }
-        if sessions::current(tx, agent)?.as_deref() == Some("in_turn")
-            && sessions::cas(tx, agent, State::BetweenTurns, &now)?.applied()
-        {
-            fixed += 1;
-        }
-        Ok((settled, fixed))
+        )
     })?;
     let _ = cap;
     rep.claims_retried += settled.retried as u64;
@@ -188,6 +172,51 @@ pub fn reclaim(ctx: &Ctx, store: &mut Store, agent: &str, cap: &Capability) -> R
     rep.claims_released += settled.released as u64;
     rep.states_fixed += fixed;
     Ok(rep)
+}
+
+/// Settles the claims of `scope` left by a dead turn (by `fate`, with the
+/// retry rule's error `why`) and applies the state rules of §7 in the
+/// caller's transaction: retries exhausted → `zombie` and one `worker_died`
+/// to the parent; a stale `in_turn` → `between_turns`. Returns the claims
+/// settled and the states fixed. Shared by the local reclaim and the
+/// fleet's repair of expired leases.
+pub fn settle_orphans(
+    tx: &crate::store::Db,
+    ctx: &Ctx,
+    agent: &str,
+    scope: Scope<'_>,
+    fate: Fate,
+    now_t: SystemTime,
+    why: &str,
+) -> crate::store::Result<(claim::Settled, u64)> {
+    let cfg = &ctx.config;
+    let now = clock::format_ts(now_t);
+    let settled = claim::settle(tx, scope, fate, now_t, cfg.max_tries, cfg.backoff_base, why)?;
+    let mut fixed = 0;
+    if settled.dead > 0
+        && let Some(s) = sessions::get(tx, agent)?
+        && sessions::cas(tx, agent, State::Zombie, &now)?.applied()
+    {
+        fixed += 1;
+        if let Some(parent) = s.parent_agent.as_deref().filter(|p| !p.is_empty()) {
+            let m = worker_died(&Died {
+                agent,
+                capability: &s.capability,
+                task_id: &s.task_id,
+                parent,
+                reason: "retries exhausted",
+                last_activity: &s.last_activity,
+                turn_id: None,
+            });
+            mailstore::insert(tx, &m, &now)?;
+        }
+    }
+    if sessions::current(tx, agent)?.as_deref() == Some("in_turn")
+        && sessions::cas(tx, agent, State::BetweenTurns, &now)?.applied()
+    {
+        fixed += 1;
+    }
+    Ok((settled, fixed))
 }
 
 /// Finishes the row of a turn whose runner is gone: replays the lines of its
@@ -238,6 +267,19 @@ pub fn finish_turn_as(
     store.tx("finishing a dead turn", |tx| {
         turns::finish(tx, &row).map(|_| ())
     })?;
+    Ok(())
+}
+
+/// Replays a finished turn's `stdout.ndjson` lines missing from `events`.
+fn replay_turn(ctx: &Ctx, store: &Store, agent: &str, turn_id: &str) -> Result<()> {
+    let mut ev = ctx.events()?;
+    let session = sessions::get(&store.conn, agent)?;
+    let tag = TurnTag {
+        run_id: session.as_ref().and_then(|s| s.run_id.clone()),
+        agent_name: agent.to_string(),
+        turn_id: turn_id.to_string(),
+    };
+    replay_lines(ctx, &mut ev, &tag, session.as_ref())?;
     Ok(())
 }
 
@@ -316,6 +358,14 @@ pub fn sweep(ctx: &Ctx, dry_run: bool) -> Result<Report> {
         dry_run,
         ..Default::default()
     };
+    if !dry_run {
+        let r = crate::fleet::repair_expired(ctx, &mut store)?;
+        rep.leases_expired += r.leases_expired;
+        rep.orphan_turns += r.orphan_turns;
+        rep.claims_retried += r.claims_retried;
+        rep.claims_dead += r.claims_dead;
+        rep.states_fixed += r.states_fixed;
+    }
     let now_t = SystemTime::now();
     let all = sessions::list(&store.conn)?;
     let mut candidates: Vec<Session> = all
@@ -357,8 +407,18 @@ fn has_leftovers(ctx: &Ctx, store: &Store, agent: &str) -> bool {
 pub fn gather(ctx: &Ctx, store: &Store, s: &Session, now_t: SystemTime) -> Result<AgentFacts> {
     let agent = s.agent_name.as_str();
     let lock = ctx.root.lock_path(agent);
-    let held = lease::is_held(&lock);
-    let info = if held { lease::read_info(&lock) } else { None };
+    let flock_held = lease::is_held(&lock);
+    let info = if flock_held {
+        lease::read_info(&lock)
+    } else {
+        None
+    };
+    // Fleet mode: a row of another host (live, or expired and left to the
+    // fleet repair after `grace`) holds the agent against this host's sweep.
+    let held = flock_held
+        || (store.conn.is_pg()
+            && crate::store::leases::get(&store.conn, agent)?
+                .is_some_and(|r| r.host != ctx.config.host_id));
     let since = |ts: &str| clock::parse_ts(ts).and_then(|t| now_t.duration_since(t).ok());
     Ok(AgentFacts {
         state: s.state(),
@@ -429,6 +489,15 @@ fn sweep_one(
             let Some(_lease) = Lease::try_acquire(&lock)? else {
                 return Ok(());
             };
+            // Fleet mode: the database half too; held elsewhere → not ours now.
+            let fleet = match crate::fleet::try_acquire_for_repair(ctx, store, agent) {
+                Ok(f) => f,
+                Err(e) if crate::turn::is_busy(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if let Some(f) = &fleet {
+                store.conn.set_fence(Some(f.fence.clone()));
+            }
             let cap =
                 capability::load(&ctx.root.dir, &s.capability).unwrap_or_else(|_| Capability {
                     name: s.capability.clone(),
@@ -438,7 +507,11 @@ fn sweep_one(
                     permission_mode: None,
                     instructions: String::new(),
                 });
-            let r = reclaim(ctx, store, agent, &cap)?;
+            let r = reclaim(ctx, store, agent, &cap);
+            if let Some(f) = fleet {
+                f.release(&store.conn);
+            }
+            let r = r?;
             rep.orphan_turns += r.orphan_turns;
             rep.groups_killed += r.groups_killed;
             rep.claims_retried += r.claims_retried;

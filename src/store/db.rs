@@ -18,6 +18,16 @@
 //! closure succeeds and rolled back otherwise; the synchronous PostgreSQL
 //! client is only ever driven outside the async runtime's context
 //! ([`off_runtime`]), as it runs a runtime of its own. Non-goal: an ORM.
+//!
+//! Fencing (SPEC §12.3): a PostgreSQL connection may carry a [`Fence`] — the
+//! agent and the lease token its turn holds. Then every transaction first
+//! checks, under `FOR KEY SHARE` on the lease row, that the token is still
+//! current and unexpired by the database's clock, and every `execute`
+//! outside a transaction runs in one that checks; a superseded token is
+//! [`DbError::Fenced`], nothing is written, and the fence's `lost` signal
+//! fires. `FOR KEY SHARE` lets renewals through but holds off the fleet
+//! sweep's `FOR UPDATE` until the write commits, so a write is either
+//! before the fence moved or refused.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -231,6 +241,12 @@ pub enum DbError {
     Column(usize, String),
     /// `query_row` found no row.
     NoRow,
+    /// The connection's lease token was superseded or expired (SPEC §12.3):
+    /// nothing was written.
+    Fenced {
+        agent: String,
+        token: i64,
+    },
 }
 
 impl From<rusqlite::Error> for DbError {
@@ -286,10 +302,25 @@ pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// The lease a turn's writes are conditional on (SPEC §12.3).
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub agent: String,
+    pub token: i64,
+    /// Set to `true` when a write finds the token superseded.
+    pub lost: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// Checks that a fence's token is current; locks the lease row against the
+/// sweep until the transaction ends.
+const FENCE_SQL: &str = "SELECT 1 FROM leases WHERE agent_name = $1 AND token = $2 AND expires_at > now() FOR KEY SHARE";
+
 /// A PostgreSQL connection with its statement cache.
 pub struct PgConn {
     client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
+    fence: Option<Fence>,
+    in_tx: bool,
 }
 
 impl PgConn {
@@ -297,7 +328,26 @@ impl PgConn {
         PgConn {
             client: Some(client),
             statements: HashMap::new(),
+            fence: None,
+            in_tx: false,
         }
+    }
+
+    /// Inside a transaction: fails with [`DbError::Fenced`] (and fires the
+    /// fence's `lost`) unless the fence's token is still current.
+    fn check_fence(&mut self) -> DbResult<()> {
+        let Some(f) = self.fence.clone() else {
+            return Ok(());
+        };
+        let rows = off_runtime(|| self.client().query(FENCE_SQL, &[&f.agent, &f.token]))?;
+        if rows.is_empty() {
+            f.lost.send_replace(true);
+            return Err(DbError::Fenced {
+                agent: f.agent,
+                token: f.token,
+            });
+        }
+        Ok(())
     }
 
     pub fn client(&mut self) -> &mut postgres::Client {
@@ -323,6 +373,23 @@ impl PgConn {
     }
 
     fn execute(&mut self, sql: &str, params: &[&dyn ToValue]) -> DbResult<usize> {
+        if self.fence.is_some() && !self.in_tx {
+            // A fenced write outside a transaction: make it one that checks.
+            off_runtime(|| self.client().batch_execute("BEGIN"))?;
+            self.in_tx = true;
+            let r = self
+                .check_fence()
+                .and_then(|()| self.execute(sql, params))
+                .and_then(|n| {
+                    off_runtime(|| self.client().batch_execute("COMMIT"))?;
+                    Ok(n)
+                });
+            self.in_tx = false;
+            if r.is_err() {
+                let _ = off_runtime(|| self.client().batch_execute("ROLLBACK"));
+            }
+            return r;
+        }
         let st = self.statement(sql)?;
         let values: Vec<Value<'_>> = params.iter().map(|p| p.to_value()).collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
@@ -373,6 +440,14 @@ impl Db {
 
     pub fn is_pg(&self) -> bool {
         matches!(self, Db::Pg(_))
+    }
+
+    /// Makes every later write on this PostgreSQL connection conditional on
+    /// `fence` (SPEC §12.3); `None` lifts it. No-op on SQLite.
+    pub fn set_fence(&self, fence: Option<Fence>) {
+        if let Db::Pg(p) = self {
+            p.borrow_mut().fence = fence;
+        }
     }
 
     /// The SQLite connection (events' fast path, schema work).
@@ -462,19 +537,32 @@ impl Db {
             "BEGIN IMMEDIATE"
         };
         self.execute_batch(begin)?;
-        match f(self) {
-            Ok(v) => {
-                if let Err(e) = self.execute_batch("COMMIT") {
-                    let _ = self.execute_batch("ROLLBACK");
-                    return Err(e.into());
-                }
-                Ok(v)
+        let fenced = match self {
+            Db::Pg(p) => {
+                let mut p = p.borrow_mut();
+                p.in_tx = true;
+                p.check_fence()
             }
-            Err(e) => {
-                let _ = self.execute_batch("ROLLBACK");
-                Err(e)
-            }
+            Db::Sqlite(_) => Ok(()),
+        };
+        let r = match fenced {
+            Ok(()) => f(self),
+            Err(e) => Err(e.into()),
+        };
+        let r = match r {
+            Ok(v) => match self.execute_batch("COMMIT") {
+                Ok(()) => Ok(v),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e),
+        };
+        if let Db::Pg(p) = self {
+            p.borrow_mut().in_tx = false;
         }
+        if r.is_err() {
+            let _ = self.execute_batch("ROLLBACK");
+        }
+        r
     }
 
     /// Inserts a row; `false` when it collides with an existing key

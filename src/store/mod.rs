@@ -14,6 +14,7 @@
 pub mod db;
 pub mod events;
 pub mod health;
+pub mod leases;
 pub mod mail;
 pub mod metrics;
 pub mod pg;
@@ -60,6 +61,16 @@ pub enum StoreError {
         context: String,
         #[source]
         source: rusqlite::Error,
+    },
+    /// Fleet mode: the turn's lease token was superseded or expired, so
+    /// nothing was written (SPEC §12.3). Exit 75.
+    #[error(
+        "lease lost: the fleet took over agent {agent}'s lease (token {token}) before {context}"
+    )]
+    LeaseLost {
+        agent: String,
+        token: i64,
+        context: String,
     },
     /// PostgreSQL (fleet mode): unreachable, refused, not ours, or a query error.
     #[error(transparent)]
@@ -140,6 +151,11 @@ pub fn classify_db(context: &str, e: db::DbError) -> StoreError {
             detail: format!("column {i}: {detail}"),
         }),
         db::DbError::NoRow => classify(context, None, rusqlite::Error::QueryReturnedNoRows),
+        db::DbError::Fenced { agent, token } => StoreError::LeaseLost {
+            agent,
+            token,
+            context: context.into(),
+        },
     }
 }
 

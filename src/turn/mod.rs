@@ -150,6 +150,19 @@ pub async fn run(
         Prepared::Early(summary) => return Ok(*summary),
     };
     let ex = run::run(ctx, &req, &mut turn, abort).await;
+    // Fleet mode: a lost lease ends the turn here — another host repairs
+    // (or has repaired) its row and claims; this runner writes nothing more.
+    if ex.lease_lost || turn.fleet.as_ref().is_some_and(|f| f.is_lost()) {
+        turn.log
+            .line("lease lost: the turn's processes are dead; exiting 75 without writing its end");
+        let e = Error::LeaseLost {
+            agent: turn.agent().to_string(),
+            turn_id: turn.turn_id().to_string(),
+            detail: "not renewed before it expired, or taken over".into(),
+        };
+        settle::release(ctx, *turn);
+        return Err(e);
+    }
     // 9. Decide and write — unless the disk is full: then nothing more can be
     // written, the turn's processes are already dead, and its row stays open
     // for `runner sweep` to finish and replay.

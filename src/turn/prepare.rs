@@ -60,6 +60,8 @@ pub struct Turn {
     pub cap: Capability,
     pub runtime: Box<dyn Runtime>,
     pub lease: Lease,
+    /// Fleet mode: the database half of the lease (SPEC §12.3).
+    pub fleet: Option<crate::fleet::FleetLease>,
     /// What the lease file says; rewritten as the turn learns more.
     pub info: LeaseInfo,
     /// The row as inserted at the start.
@@ -100,6 +102,7 @@ pub async fn prepare(
     abort: &mut watch::Receiver<AbortRequest>,
 ) -> Result<Prepared> {
     let agent = req.agent.as_str();
+    let wait_until = Instant::now() + req.wait;
     // 1. Check the name, open the stores, read the session.
     let store = ctx.store()?;
     let (session, cap) = load_runnable(ctx, &store, agent)?;
@@ -122,6 +125,19 @@ pub async fn prepare(
         Some(s) => s,
         None => ctx.store()?,
     };
+    // Fleet mode: the database half of the lease, with its fencing token;
+    // every later write of the turn is conditional on it.
+    let turn_id = new_turn_id();
+    let wait_left = wait_until.saturating_duration_since(Instant::now());
+    let fleet = tokio::select! {
+        f = crate::fleet::acquire(ctx, &mut store, agent, Some(&turn_id), wait_left) => f?,
+        _ = aborted(abort) => return Ok(Prepared::Early(Box::new(TurnSummary::interrupted_waiting(
+            agent
+        )))),
+    };
+    if let Some(f) = &fleet {
+        store.conn.set_fence(Some(f.fence.clone()));
+    }
     crate::sweep::reclaim(ctx, &mut store, agent, &cap)?;
     let session = match sessions::get(&store.conn, agent)? {
         Some(s) => {
@@ -132,7 +148,7 @@ pub async fn prepare(
     };
     // 4. Claim, build the user turn, record the start.
     let runtime = runtime::for_session(&session).map_err(usage)?;
-    let row = start_row(&session);
+    let row = start_row(&session, turn_id);
     let Some((claimed, baseline)) = claim_and_insert(&mut store, req, &row)? else {
         return Ok(Prepared::Early(Box::new(TurnSummary::nothing(agent))));
     };
@@ -146,10 +162,13 @@ pub async fn prepare(
         turn_id: row.turn_id.clone(),
     };
     let mut events_conn = ctx.events()?;
+    if let Some(f) = &fleet {
+        events_conn.set_fence(Some(f.fence.clone()));
+    }
     record_turn_start(&mut events_conn, &tag, &row, runtime.name())?;
     let limits = Limits::of(ctx, req, &cap);
     let mut lease = lease;
-    let info = lease_info(&row, limits);
+    let info = lease_info(ctx, &row, limits);
     let _ = lease.write_info(&info);
     let (log_dir, log) = open_log(ctx, &row, runtime.name(), claimed.len(), limits)?;
     Ok(Prepared::Turn(Box::new(Turn {
@@ -161,6 +180,7 @@ pub async fn prepare(
         cap,
         runtime,
         lease,
+        fleet,
         info,
         mail_count: claimed.len(),
         baseline,
@@ -180,9 +200,9 @@ fn nothing_to_deliver(store: &Store, req: &TurnRequest) -> Result<bool> {
 }
 
 /// The turn row as it starts.
-fn start_row(session: &Session) -> TurnRow {
+fn start_row(session: &Session, turn_id: String) -> TurnRow {
     TurnRow {
-        turn_id: new_turn_id(),
+        turn_id,
         agent_name: session.agent_name.clone(),
         started_at: clock::now(),
         runner_pid: Some(std::process::id() as i64),
@@ -270,7 +290,7 @@ fn open_log(
 }
 
 /// What the lease file says before the agent is spawned.
-fn lease_info(row: &TurnRow, limits: Limits) -> LeaseInfo {
+fn lease_info(ctx: &Ctx, row: &TurnRow, limits: Limits) -> LeaseInfo {
     let me = std::process::id() as i32;
     let stall_ms = limits.stall.as_millis() as u64;
     LeaseInfo {
@@ -279,7 +299,7 @@ fn lease_info(row: &TurnRow, limits: Limits) -> LeaseInfo {
         runner_start_time: os::start_time(me),
         agent_pid: None,
         agent_start_time: None,
-        host: os::hostname(),
+        host: ctx.config.host_id.clone(),
         acquired_at: row.started_at.clone(),
         deadline_at: Some(clock::format_ts(SystemTime::now() + limits.deadline)),
         stall_timeout_ms: Some(stall_ms),

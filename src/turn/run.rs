@@ -60,6 +60,9 @@ pub struct Execution {
     pub output_lost: bool,
     /// ... because the disk under the root is full (exit 74, the sweep finishes the row).
     pub disk_full: bool,
+    /// Fleet mode: the lease was lost; the turn's processes were ended and
+    /// nothing more may be written (exit 75, SPEC §12.3).
+    pub lease_lost: bool,
 }
 
 /// Steps 5–8: spawn, stream, watch, escalate, reap.
@@ -233,6 +236,7 @@ impl Running<'_> {
         mut abort_rx: watch::Receiver<AbortRequest>,
     ) -> std::io::Result<ExitStatus> {
         let live = io.live.clone();
+        let mut lost = self.turn.fleet.as_ref().map(|f| f.lost());
         let watchdog = watchdog::watch(&live, self.turn.limits.stall, self.deadline_at);
         tokio::pin!(watchdog);
         let started = self.turn.started;
@@ -279,6 +283,9 @@ impl Running<'_> {
                 },
                 _ = sleep_until_opt(w.next_step_at), if w.next_step_at.is_some() => {
                     (w.step, w.next_step_at) = self.escalate(w.step, procs, io);
+                },
+                _ = lease_lost(&mut lost), if lost.is_some() && !ex.lease_lost => {
+                    self.on_lease_lost(&mut w, ex, procs, io);
                 },
                 _ = touch.tick() => self.on_tick(&live, &mut w),
             }
@@ -329,6 +336,17 @@ impl Running<'_> {
             self.log("output can no longer be kept: SIGKILL now");
             (w.step, w.next_step_at) = self.escalate(Step::Term, procs, io);
         }
+    }
+
+    /// Fleet mode: the lease is gone (fenced, or not renewed before it
+    /// expired). Another host may be repairing the turn already: end every
+    /// process now and write nothing more (SPEC §12.3).
+    fn on_lease_lost(&self, w: &mut Watch, ex: &mut Execution, procs: &TurnProcs, io: &Io) {
+        ex.lease_lost = true;
+        ex.leaked |= others_alive(procs);
+        self.log("lease lost to the fleet: ending the turn's processes, writing nothing more");
+        self.say(Progress::Escalating("lease lost".into()));
+        (w.step, w.next_step_at) = self.escalate(Step::Graceful, procs, io);
     }
 
     /// stdout reached EOF: with a result, the exit-after-result timer runs;
@@ -534,12 +552,27 @@ impl Running<'_> {
         }
         // Nothing of the turn was alive at reap and nothing is left to start
         // one: the kill pass (another full /proc scan) has nothing to do.
-        if (!left.is_empty() || ex.abort.is_some() || ex.ended.is_some() || ex.output_lost)
+        if (!left.is_empty()
+            || ex.abort.is_some()
+            || ex.ended.is_some()
+            || ex.output_lost
+            || ex.lease_lost)
             && spawn::kill_all(procs, Duration::from_secs(2)).await
         {
             self.log("killed the turn's leftover processes");
         }
         self.drain(io, ex).await;
+    }
+}
+
+/// Resolves once the lease's `lost` flag is (or becomes) true; pending
+/// forever once its sender is gone.
+async fn lease_lost(rx: &mut Option<watch::Receiver<bool>>) {
+    let Some(rx) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    if rx.wait_for(|lost| *lost).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

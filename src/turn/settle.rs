@@ -89,10 +89,22 @@ pub fn settle(ctx: &Ctx, turn: &mut Turn, ex: Execution) -> Result<TurnSummary> 
     Ok(summary)
 }
 
-/// Step 10: remove `turn.pid` and the sweep's note, release the lease.
-pub fn release(ctx: &Ctx, turn: Turn) {
-    let _ = std::fs::remove_file(ctx.root.pid_path(turn.agent()));
+/// Step 10: remove `turn.pid` and the sweep's note, release the lease (in
+/// fleet mode the row first, then the flock). A turn whose lease was lost
+/// keeps `turn.pid`: this host's next sweep replays its `stdout.ndjson`
+/// into events (SPEC §12.5).
+pub fn release(ctx: &Ctx, mut turn: Turn) {
+    let lost = turn.fleet.as_ref().is_some_and(|f| f.is_lost());
+    if !lost {
+        let _ = std::fs::remove_file(ctx.root.pid_path(turn.agent()));
+    }
     let _ = std::fs::remove_file(ctx.root.stop_reason_path(turn.agent()));
+    if let Some(f) = turn.fleet.take() {
+        if let Some(ev) = &turn.events {
+            ev.set_fence(None);
+        }
+        f.release(&turn.store.conn);
+    }
     drop(turn);
 }
 

@@ -3,6 +3,7 @@
 //! codes, database rows, files and live processes.
 
 mod ending;
+mod fleet;
 mod foundation;
 mod http;
 mod mail_serve;
@@ -34,6 +35,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_runner");
 pub struct TestRoot {
     dir: tempfile::TempDir,
     pg: Option<pg::PgSchema>,
+    /// Variables every invocation gets (a fleet host's id and store).
+    env: Vec<(String, String)>,
 }
 
 /// The store this run of the suite tests: `RUNNER_TEST_STORE=postgres`, or
@@ -116,7 +119,38 @@ impl TestRoot {
                 .tempdir()
                 .unwrap(),
             pg: None,
+            env: Vec::new(),
         }
+    }
+
+    /// Another host of this root's fleet (SPEC §12): a root directory of
+    /// its own on the same PostgreSQL schema, as host `host_id`.
+    pub fn fleet_host(&self, host_id: &str) -> TestRoot {
+        let pg = self.pg.as_ref().expect("a fleet needs a PostgreSQL root");
+        let mut h = TestRoot::sqlite();
+        h.env = self.env.clone();
+        h.env.retain(|(k, _)| k != "RUNNER_HOST_ID");
+        h.env.extend([
+            ("RUNNER_STORE_URL".into(), pg.url.clone()),
+            ("RUNNER_STORE_SCHEMA".into(), pg.schema.clone()),
+            ("RUNNER_HOST_ID".into(), host_id.into()),
+        ]);
+        h
+    }
+
+    /// Sets a variable for every later invocation.
+    pub fn set_env(&mut self, key: &str, value: &str) -> &mut TestRoot {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// A root on PostgreSQL whatever the store under test, or `None` (with
+    /// a notice) when no server answers and none is required.
+    pub fn postgres() -> Option<TestRoot> {
+        let mut t = TestRoot::sqlite();
+        t.pg = Some(pg::pg()?);
+        Some(t)
     }
 
     /// The PostgreSQL schema holding this root's tables, if any.
@@ -152,6 +186,7 @@ impl TestRoot {
             c.env("RUNNER_STORE_URL", &pg.url);
             c.env("RUNNER_STORE_SCHEMA", &pg.schema);
         }
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c.current_dir(self.path());
         c.stdin(Stdio::null());
         c

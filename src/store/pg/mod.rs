@@ -157,10 +157,25 @@ pub fn connect(url: &str, schema: &str) -> Result<Client> {
             detail: error_detail(&e),
         },
     })?;
+    // A frozen host must not hold row locks the fleet sweep's SKIP LOCKED
+    // would skip forever (SPEC §12.3): idle transactions end below `grace`.
     client
-        .batch_execute(&format!("SET search_path TO \"{schema}\""))
+        .batch_execute(&format!(
+            "SET search_path TO \"{schema}\"; SET idle_in_transaction_session_timeout = {}",
+            IDLE_TX_TIMEOUT_MS.load(std::sync::atomic::Ordering::Relaxed)
+        ))
         .map_err(|e| query_error("setting the search path", &e))?;
     Ok(client)
+}
+
+/// `idle_in_transaction_session_timeout` of every connection, in ms.
+static IDLE_TX_TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(10_000);
+
+/// Sets the idle-in-transaction timeout of later connections: half the
+/// fleet's `grace`, between 200 ms and 30 s.
+pub fn set_idle_in_transaction_timeout(grace: Duration) {
+    let ms = (grace.as_millis() as u64 / 2).clamp(200, 30_000);
+    IDLE_TX_TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// How long a connection is retried while the server is out of connection

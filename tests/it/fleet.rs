@@ -1,0 +1,301 @@
+//! Fleet mode (SPEC §12.3, §12.5): several host ids on this machine, each a
+//! root directory of its own, sharing one PostgreSQL schema. Hosts are
+//! frozen (SIGSTOP) and killed for real; the fleet repairs them by the
+//! database's clock, with short `lease_ttl` and `grace`.
+//!
+//! PostgreSQL-only: without a server these print that they were not run
+//! (and fail under `RUNNER_TEST_PG=require`, as in CI).
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use runner::store::db::params;
+
+use crate::{TestRoot, signal, wait_child, wait_for};
+
+/// Short fleet timings for every host of a test.
+const FLEET_ENV: [(&str, &str); 4] = [
+    ("RUNNER_FLEET_LEASE_TTL", "1s"),
+    ("RUNNER_FLEET_GRACE", "1s"),
+    ("RUNNER_FLEET_HEARTBEAT", "200ms"),
+    ("RUNNER_FLEET_HOST_STALE", "2s"),
+];
+
+/// Host `a` (the returned root, which owns the schema) and its fleet
+/// settings; `None` when no server answers.
+fn fleet() -> Option<TestRoot> {
+    let mut a = TestRoot::postgres()?;
+    for (k, v) in FLEET_ENV {
+        a.set_env(k, v);
+    }
+    a.set_env("RUNNER_HOST_ID", "host-a");
+    Some(a)
+}
+
+fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+        })
+        .unwrap_or(false)
+}
+
+/// The one turn of `agent` and its row's (outcome, reason).
+fn turn_of(t: &TestRoot, agent: &str) -> (String, Option<String>, Option<String>) {
+    t.db("sessions.db")
+        .query_row(
+            "SELECT turn_id, outcome, reason FROM turns WHERE agent_name=?1 ORDER BY started_at DESC",
+            params![agent],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+}
+
+fn events_of(t: &TestRoot, turn_id: &str) -> i64 {
+    t.i64(
+        "events.db",
+        &format!("SELECT COUNT(*) FROM events WHERE turn_id='{turn_id}'"),
+    )
+}
+
+/// Starts a long turn of `agent` on host `h` and waits until its agent is
+/// running and has written a few events. Returns the runner and the turn id.
+fn start_long_turn(h: &TestRoot, t: &TestRoot, agent: &str) -> (std::process::Child, String) {
+    let runner = h.spawn([
+        "turn", "--agent", agent, "--stall", "60s", "--grace", "300ms",
+    ]);
+    let pid_file = h.root().join("agents").join(agent).join("turn.pid");
+    wait_for(Duration::from_secs(20), "the agent to start", || {
+        pid_file.exists()
+    });
+    let turn_id = turn_of(t, agent).0;
+    wait_for(Duration::from_secs(20), "events to arrive", || {
+        events_of(t, &turn_id) >= 3
+    });
+    (runner, turn_id)
+}
+
+/// What the processes `h.spawn` started wrote on stderr.
+fn spawned_stderr(h: &TestRoot) -> String {
+    let mut all = String::new();
+    for e in std::fs::read_dir(h.path()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("spawn-") && name.ends_with(".stderr") {
+            all.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    all
+}
+
+/// A sweep of host `h`, as JSON.
+fn sweep(h: &TestRoot) -> serde_json::Value {
+    let r = h.run(["sweep", "--json"]);
+    r.status(0);
+    r.json()
+}
+
+#[test]
+fn a_frozen_host_is_repaired_after_lease_ttl_and_grace_and_exits_75_on_resume() {
+    let Some(a) = fleet() else { return };
+    let b = a.fleet_host("host-b");
+    a.agent("w", "builder", None, &["--lines", "600", "--rate", "20"]);
+    let id = a.mail("lead", "w", "work");
+    let (runner, turn_id) = start_long_turn(&a, &a, "w");
+    let agent_pid: i64 = std::fs::read_to_string(a.root().join("agents/w/turn.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Freeze host a's runner: its renewals stop, its agent goes on.
+    signal(runner.id(), Signal::SIGSTOP);
+    // Host b repairs it once lease_ttl + grace have passed by the database's
+    // clock — not before.
+    let first = sweep(&b);
+    assert_eq!(first["leases_expired"], 0, "{first}");
+    let mut repaired = serde_json::Value::Null;
+    wait_for(
+        Duration::from_secs(20),
+        "host b to repair the lease",
+        || {
+            repaired = sweep(&b);
+            repaired["leases_expired"] == 1
+        },
+    );
+    assert_eq!(repaired["orphan_turns"], 1, "{repaired}");
+    assert_eq!(repaired["claims_retried"], 1, "{repaired}");
+    let (_, outcome, reason) = turn_of(&a, "w");
+    assert_eq!(outcome.as_deref(), Some("failed"));
+    let reason = reason.unwrap();
+    assert!(reason.starts_with("host host-a silent since "), "{reason}");
+    assert_eq!(
+        a.mail_state(&id),
+        (0, 1, None),
+        "released for a retry, once"
+    );
+    assert_eq!(a.i64("sessions.db", "SELECT COUNT(*) FROM leases"), 0);
+    let events_at_repair = events_of(&a, &turn_id);
+
+    // Resumed, host a's runner finds its lease lost: it ends its agent,
+    // writes nothing and exits 75.
+    signal(runner.id(), Signal::SIGCONT);
+    let out = wait_child(runner, Duration::from_secs(20));
+    let stderr = spawned_stderr(&a);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("lease lost"), "{stderr}");
+    wait_for(Duration::from_secs(10), "the fenced agent to die", || {
+        !alive(agent_pid)
+    });
+    assert_eq!(
+        events_of(&a, &turn_id),
+        events_at_repair,
+        "no event after the fence"
+    );
+    let (_, outcome2, reason2) = turn_of(&a, "w");
+    assert_eq!(
+        (outcome2.as_deref(), reason2.as_deref()),
+        (Some("failed"), Some(reason.as_str()))
+    );
+    assert_eq!(a.mail_state(&id), (0, 1, None));
+
+    // Host a's own next sweep replays what its agent printed (events are
+    // facts) and leaves the row as the fleet repaired it.
+    let stdout_lines = std::fs::read_to_string(a.turn_dir("w", &turn_id).join("stdout.ndjson"))
+        .unwrap()
+        .lines()
+        .count() as i64;
+    sweep(&a);
+    assert!(!a.root().join("agents/w/turn.pid").exists());
+    let replayed: i64 = a.i64(
+        "events.db",
+        &format!("SELECT COALESCE(MAX(line_no), 0) FROM events WHERE turn_id='{turn_id}'"),
+    );
+    assert_eq!(replayed, stdout_lines, "every received line in events once");
+    assert_eq!(
+        a.i64(
+            "events.db",
+            &format!(
+                "SELECT COUNT(*) FROM (SELECT line_no FROM events WHERE turn_id='{turn_id}' AND line_no IS NOT NULL \
+                 GROUP BY line_no, event_type, id HAVING COUNT(*) > 1) d"
+            )
+        ),
+        0
+    );
+    assert_eq!(turn_of(&a, "w").2.as_deref(), Some(reason.as_str()));
+}
+
+#[test]
+fn a_killed_host_is_repaired_and_its_own_sweep_kills_what_it_left() {
+    let Some(a) = fleet() else { return };
+    let b = a.fleet_host("host-b");
+    a.agent("w", "builder", None, &["--lines", "600", "--rate", "20"]);
+    let id = a.mail("lead", "w", "work");
+    let (mut runner, turn_id) = start_long_turn(&a, &a, "w");
+    let agent_pid: i64 = std::fs::read_to_string(a.root().join("agents/w/turn.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    assert!(alive(agent_pid), "the agent outlives its killed runner");
+    wait_for(
+        Duration::from_secs(20),
+        "host b to repair the lease",
+        || sweep(&b)["leases_expired"] == 1,
+    );
+    let (_, outcome, reason) = turn_of(&a, "w");
+    assert_eq!(outcome.as_deref(), Some("failed"));
+    assert!(reason.unwrap().starts_with("host host-a silent since "));
+    assert_eq!(a.mail_state(&id), (0, 1, None));
+    // Host b cannot signal host a's processes; host a's sweep does.
+    assert!(alive(agent_pid));
+    let rep = sweep(&a);
+    assert_eq!(rep["groups_killed"], 1, "{rep}");
+    wait_for(Duration::from_secs(10), "the leftover agent to die", || {
+        !alive(agent_pid)
+    });
+    assert!(events_of(&a, &turn_id) > 3);
+    // A second pass changes nothing.
+    let again = sweep(&a);
+    assert_eq!(again["groups_killed"], 0, "{again}");
+    assert_eq!(again["leases_expired"], 0, "{again}");
+}
+
+#[test]
+fn racing_sweeps_over_one_expired_lease_bump_the_retry_once() {
+    let Some(a) = fleet() else { return };
+    let hosts: Vec<TestRoot> = (0..4).map(|i| a.fleet_host(&format!("h{i}"))).collect();
+    a.agent("w", "builder", None, &["--lines", "600", "--rate", "20"]);
+    let id = a.mail("lead", "w", "work");
+    let (mut runner, _) = start_long_turn(&a, &a, "w");
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the lease to pass expiry + grace",
+        || {
+            a.i64(
+            "sessions.db",
+            "SELECT COUNT(*) FROM leases WHERE expires_at < now() - interval '1500 milliseconds'",
+        ) == 1
+        },
+    );
+    let sweeps: Vec<_> = hosts.iter().map(|h| h.spawn(["sweep", "--json"])).collect();
+    let mut expired = 0;
+    for s in sweeps {
+        let out = wait_child(s, Duration::from_secs(30));
+        assert_eq!(out.status.code(), Some(0));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        expired += v["leases_expired"].as_i64().unwrap();
+    }
+    assert_eq!(expired, 1, "one repair across the fleet");
+    assert_eq!(a.mail_state(&id), (0, 1, None), "one retry bump");
+    // The host's own sweep ends its agent.
+    sweep(&a);
+}
+
+#[test]
+fn mail_sent_from_a_fenced_turn_is_refused_with_75() {
+    let Some(a) = fleet() else { return };
+    a.agent("w", "builder", None, &[]);
+    let r = a.run_env(
+        &[("RUNNER_TURN_ID", "20261129T000000000Z-gone00")],
+        [
+            "mail",
+            "send",
+            "--from",
+            "w",
+            "--to",
+            "lead",
+            "--subject",
+            "s",
+            "--body",
+            "b",
+        ],
+    );
+    r.status(75).one_line_error("lease lost");
+    assert_eq!(a.i64("mail.db", "SELECT COUNT(*) FROM messages"), 0);
+    // Outside a turn, and inside a live one (every turn test), mail goes.
+    a.mail("w", "lead", "fine");
+}
+
+#[test]
+fn a_live_lease_on_another_host_makes_the_agent_busy_naming_that_host() {
+    let Some(a) = fleet() else { return };
+    let b = a.fleet_host("host-b");
+    a.agent("w", "builder", None, &["--lines", "600", "--rate", "20"]);
+    a.mail("lead", "w", "work");
+    let (runner, _) = start_long_turn(&a, &a, "w");
+    b.run(["turn", "--agent", "w", "--message", "hi", "--wait", "300ms"])
+        .status(4)
+        .one_line_error("on host host-a");
+    signal(runner.id(), Signal::SIGTERM);
+    wait_child(runner, Duration::from_secs(20));
+    assert_eq!(
+        a.i64("sessions.db", "SELECT COUNT(*) FROM leases"),
+        0,
+        "released at the end"
+    );
+}
