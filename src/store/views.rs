@@ -1,8 +1,10 @@
-//! Read-only views of the three databases for the dashboard and `/metrics`:
-//! every query the HTTP layer runs, behind the [`FleetViews`] trait so that a
-//! PostgreSQL store can implement the same views later.
+//! Read-only views of the store for the dashboard and `/metrics`: every
+//! query the HTTP layer runs, behind the [`FleetViews`] trait, implemented
+//! once ([`StoreViews`]) over the store seam for SQLite and PostgreSQL.
 //!
-//! Invariants: the SQLite implementation opens `sessions.db` read-only with
+//! Invariants: on PostgreSQL the kept connection runs with
+//! `default_transaction_read_only`, so the server itself refuses writes.
+//! On SQLite it opens `sessions.db` read-only with
 //! `PRAGMA query_only=1` and attaches `mail.db` and `events.db` read-only
 //! (`mode=ro`), so it can never take a write lock, create a database or run
 //! a migration; its one kept connection runs autocommit reads only, so no
@@ -14,9 +16,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use super::db::Db;
+use super::Backend;
+use super::db::{Db, DbResult, Row, params};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
 use super::events::{EventFilter, StoredEvent};
@@ -63,6 +66,8 @@ pub struct Totals {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub agents_by_state: Vec<(String, u64)>,
+    /// Fleet mode: hosts by state (empty on SQLite).
+    pub hosts_by_state: Vec<(String, u64)>,
     pub mail: MailCounts,
     /// Failed tries of mail (sum of `messages.tries`).
     pub mail_retries: u64,
@@ -117,59 +122,88 @@ pub trait FleetViews: Send + Sync + 'static {
     fn turn_points(&self, limit: i64) -> Result<Vec<TurnPoint>>;
 }
 
-/// [`FleetViews`] over the SQLite files under a root.
-pub struct SqliteViews {
+/// [`FleetViews`] over a root's store: the SQLite files under it, or its
+/// PostgreSQL schema. The queries are written once, in SQL both accept
+/// (aggregates with `FILTER`, `CAST`), through the store seam; only a
+/// turn's duration differs (`julianday` against `timestamptz`).
+pub struct StoreViews {
     root: PathBuf,
+    backend: Backend,
     /// One read-only connection, kept: opening one costs a WAL-index
     /// recovery (reading every WAL) when no other connection is open, which
-    /// at one poll a second would cost more than the queries. It holds no
-    /// lock between statements. Calls take turns on it.
+    /// at one poll a second would cost more than the queries — and on
+    /// PostgreSQL a connection. It holds no lock between statements. Calls
+    /// take turns on it.
     conn: Mutex<Option<Db>>,
 }
+
+/// The former name, from when only SQLite had views.
+pub type SqliteViews = StoreViews;
 
 /// The kept connection, for one call.
 pub struct Conn<'a>(MutexGuard<'a, Option<Db>>);
 
-impl Conn<'_> {
-    /// The same connection, for the store functions shared with commands.
-    fn db(&self) -> &Db {
+impl std::ops::Deref for Conn<'_> {
+    type Target = Db;
+    fn deref(&self) -> &Db {
         self.0.as_ref().expect("opened before use")
     }
 }
 
-impl std::ops::Deref for Conn<'_> {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        self.db()
-            .sqlite()
-            .expect("the SQLite views hold a SQLite connection")
-    }
-}
-
-impl std::fmt::Debug for SqliteViews {
+impl std::fmt::Debug for StoreViews {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteViews")
+        f.debug_struct("StoreViews")
             .field("root", &self.root)
+            .field("backend", &self.backend.describe())
             .finish()
     }
 }
 
-impl SqliteViews {
-    pub fn new(root: &Path) -> SqliteViews {
-        SqliteViews {
+impl StoreViews {
+    /// Views of the SQLite files under `root`.
+    pub fn new(root: &Path) -> StoreViews {
+        StoreViews::of(root, &Backend::Sqlite)
+    }
+
+    /// Views of `backend` (the store of the root at `root`).
+    pub fn of(root: &Path, backend: &Backend) -> StoreViews {
+        StoreViews {
             root: root.to_path_buf(),
+            backend: backend.clone(),
             conn: Mutex::new(None),
         }
     }
 
     /// The kept connection, opened on first use (and again after a failed
-    /// open, e.g. before `runner init`).
+    /// open or a failed query, e.g. before `runner init` or after the
+    /// server restarted).
     fn open(&self) -> Result<Conn<'_>> {
         let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_none() {
-            *g = Some(Db::Sqlite(self.connect()?));
+            *g = Some(match &self.backend {
+                Backend::Sqlite => Db::Sqlite(self.connect()?),
+                Backend::Postgres { url, schema } => {
+                    let db =
+                        super::db::off_runtime(|| super::pg::connect(url, schema)).map(Db::pg)?;
+                    // Read-only by the server's rules, not only by ours.
+                    db.execute_batch("SET default_transaction_read_only = on")
+                        .ctx("making the views read-only")?;
+                    db
+                }
+            });
         }
         Ok(Conn(g))
+    }
+
+    /// Runs `f` on the kept connection; drops the connection when it fails,
+    /// so that the next call opens a fresh one.
+    fn with<T>(&self, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
+        let mut conn = self.open()?;
+        let r = f(&conn);
+        if r.is_err() && conn.is_pg() {
+            conn.0.take();
+        }
+        r
     }
 
     /// `sessions.db` read-only, with `mail.db` as `mail` and `events.db` as
@@ -196,8 +230,11 @@ impl SqliteViews {
                     ),
                 });
             }
-            conn.execute("ATTACH DATABASE ?1 AS ?2", params![ro_uri(&path), alias])
-                .map_err(|e| classify("attaching read-only", Some(&path), e))?;
+            conn.execute(
+                "ATTACH DATABASE ?1 AS ?2",
+                rusqlite::params![ro_uri(&path), alias],
+            )
+            .map_err(|e| classify("attaching read-only", Some(&path), e))?;
         }
         Ok(conn)
     }
@@ -219,234 +256,254 @@ fn ro_uri(path: &Path) -> String {
     s
 }
 
-fn count_pairs(conn: &Connection, sql: &str, what: &str) -> Result<Vec<(String, u64)>> {
-    let mut st = conn.prepare_cached(sql).ctx(what)?;
-    let rows = st
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, Option<String>>(0)?
-                    .unwrap_or_else(|| "unknown".into()),
-                r.get::<_, i64>(1)?.max(0) as u64,
-            ))
-        })
-        .ctx(what)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .ctx(what)?;
-    Ok(rows)
+fn count(r: &Row<'_>, i: usize) -> DbResult<u64> {
+    Ok(r.get::<Option<i64>>(i)?.unwrap_or(0).max(0) as u64)
 }
 
-/// Seconds a finished turn took, as SQL over `turns`.
-const DURATION_SQL: &str = "MAX(0.0, (julianday(ended_at) - julianday(started_at)) * 86400.0)";
+fn count_pairs(db: &Db, sql: &str, what: &str) -> Result<Vec<(String, u64)>> {
+    db.query_map(sql, params![], |r| {
+        Ok((
+            r.get::<Option<String>>(0)?
+                .unwrap_or_else(|| "unknown".into()),
+            count(r, 1)?,
+        ))
+    })
+    .ctx(what)
+}
 
-fn duration_histogram(conn: &Connection) -> Result<Histogram> {
+/// Seconds a finished turn took, as SQL over `turns` (never negative).
+fn duration_sql(db: &Db) -> &'static str {
+    if db.is_pg() {
+        "GREATEST(0.0, CAST(EXTRACT(EPOCH FROM (CAST(ended_at AS timestamptz) - CAST(started_at AS timestamptz))) AS DOUBLE PRECISION))"
+    } else {
+        "MAX(0.0, (julianday(ended_at) - julianday(started_at)) * 86400.0)"
+    }
+}
+
+fn duration_histogram(db: &Db) -> Result<Histogram> {
     // One pass: a cumulative count per bound, then the sum and the count.
     let mut cols: Vec<String> = DURATION_BUCKETS
         .iter()
-        .map(|b| format!("COALESCE(SUM(d <= {b:?}), 0)"))
+        .map(|b| format!("COUNT(*) FILTER (WHERE d <= {b:?})"))
         .collect();
-    cols.push("COALESCE(SUM(d), 0.0)".into());
+    cols.push("CAST(COALESCE(SUM(d), 0.0) AS DOUBLE PRECISION)".into());
     cols.push("COUNT(*)".into());
     let sql = format!(
-        "SELECT {} FROM (SELECT {DURATION_SQL} AS d FROM turns WHERE ended_at IS NOT NULL)",
-        cols.join(", ")
+        "SELECT {} FROM (SELECT {} AS d FROM turns WHERE ended_at IS NOT NULL) AS durations",
+        cols.join(", "),
+        duration_sql(db)
     );
     let n = DURATION_BUCKETS.len();
-    conn.query_row(&sql, [], |r| {
+    db.query_row(&sql, params![], |r| {
         let mut buckets = Vec::with_capacity(n);
         let mut below = 0u64;
         for (i, b) in DURATION_BUCKETS.iter().enumerate() {
-            let cumulative = r.get::<_, i64>(i)?.max(0) as u64;
+            let cumulative = count(r, i)?;
             buckets.push((*b, cumulative.saturating_sub(below)));
             below = cumulative;
         }
-        let count = r.get::<_, i64>(n + 1)?.max(0) as u64;
-        buckets.push((f64::INFINITY, count.saturating_sub(below)));
+        let total = count(r, n + 1)?;
+        buckets.push((f64::INFINITY, total.saturating_sub(below)));
         Ok(Histogram {
             buckets,
             sum: r.get(n)?,
-            count,
+            count: total,
         })
     })
     .ctx("summing turn durations")
 }
 
 const MAIL_COUNTS_SQL: &str = "SELECT \
-    COALESCE(SUM(read=0 AND claimed_by IS NULL AND dead_at IS NULL AND (process_after IS NULL OR process_after <= ?1)), 0), \
-    COALESCE(SUM(read=0 AND claimed_by IS NOT NULL AND dead_at IS NULL), 0), \
-    COALESCE(SUM(read=0 AND claimed_by IS NULL AND dead_at IS NULL AND tries > 0), 0), \
-    COALESCE(SUM(dead_at IS NOT NULL), 0), \
-    COALESCE(SUM(tries), 0) \
-    FROM mail.messages";
+    COUNT(*) FILTER (WHERE read=0 AND claimed_by IS NULL AND dead_at IS NULL AND (process_after IS NULL OR process_after <= ?1)), \
+    COUNT(*) FILTER (WHERE read=0 AND claimed_by IS NOT NULL AND dead_at IS NULL), \
+    COUNT(*) FILTER (WHERE read=0 AND claimed_by IS NULL AND dead_at IS NULL AND tries > 0), \
+    COUNT(*) FILTER (WHERE dead_at IS NOT NULL), \
+    CAST(COALESCE(SUM(tries), 0) AS BIGINT) \
+    FROM messages";
 
-fn mail_counts(conn: &Connection, now: &str) -> Result<(MailCounts, u64)> {
-    conn.query_row(MAIL_COUNTS_SQL, [now], |r| {
-        let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+fn mail_counts(db: &Db, now: &str) -> Result<(MailCounts, u64)> {
+    db.query_row(MAIL_COUNTS_SQL, params![now], |r| {
         Ok((
             MailCounts {
-                due: n(0)?,
-                claimed: n(1)?,
-                retrying: n(2)?,
-                dead: n(3)?,
+                due: count(r, 0)?,
+                claimed: count(r, 1)?,
+                retrying: count(r, 2)?,
+                dead: count(r, 3)?,
             },
-            n(4)?,
+            count(r, 4)?,
         ))
     })
     .ctx("counting mail")
 }
 
-impl FleetViews for SqliteViews {
+impl FleetViews for StoreViews {
     fn health(&self) -> Result<()> {
-        let conn = self.open()?;
-        conn.query_row(
-            "SELECT (SELECT COUNT(*) FROM main.sqlite_master) + (SELECT COUNT(*) FROM mail.sqlite_master) \
-             + (SELECT COUNT(*) FROM ev.sqlite_master)",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .ctx("reading the schema")?;
-        Ok(())
+        self.with(|db| {
+            let sql = if db.is_pg() {
+                "SELECT (SELECT COUNT(*) FROM sessions) + (SELECT COUNT(*) FROM messages WHERE false) \
+                 + (SELECT COUNT(*) FROM events WHERE false)"
+            } else {
+                "SELECT (SELECT COUNT(*) FROM main.sqlite_master) + (SELECT COUNT(*) FROM mail.sqlite_master) \
+                 + (SELECT COUNT(*) FROM ev.sqlite_master)"
+            };
+            db.query_row(sql, params![], |r| r.get::<i64>(0))
+                .ctx("reading the schema")?;
+            Ok(())
+        })
     }
 
     fn totals(&self, now: &str) -> Result<Totals> {
-        let conn = self.open()?;
-        let turns_by_outcome = count_pairs(
-            &conn,
-            "SELECT outcome, COUNT(*) FROM turns WHERE ended_at IS NOT NULL GROUP BY outcome ORDER BY outcome",
-            "counting turns",
-        )?;
-        let agents_by_state = count_pairs(
-            &conn,
-            "SELECT state, COUNT(*) FROM sessions GROUP BY state ORDER BY state",
-            "counting agents",
-        )?;
-        let (in_flight, lines, events, malformed, cost, input, output) = conn
-            .query_row(
-                "SELECT COALESCE(SUM(ended_at IS NULL), 0), COALESCE(SUM(lines), 0), COALESCE(SUM(events), 0), \
-                 COALESCE(SUM(malformed_lines), 0), COALESCE(SUM(cost_usd), 0.0), \
-                 COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0) FROM turns",
-                [],
-                |r| {
-                    let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
-                    Ok((n(0)?, n(1)?, n(2)?, n(3)?, r.get::<_, f64>(4)?, n(5)?, n(6)?))
-                },
-            )
-            .ctx("summing turns")?;
-        let (mail, mail_retries) = mail_counts(&conn, now)?;
-        Ok(Totals {
-            turns_by_outcome,
-            turns_in_flight: in_flight,
-            duration: duration_histogram(&conn)?,
-            lines,
-            events,
-            malformed_lines: malformed,
-            cost_usd: cost,
-            input_tokens: input,
-            output_tokens: output,
-            agents_by_state,
-            mail,
-            mail_retries,
+        self.with(|db| {
+            let turns_by_outcome = count_pairs(
+                db,
+                "SELECT outcome, COUNT(*) FROM turns WHERE ended_at IS NOT NULL GROUP BY outcome ORDER BY outcome",
+                "counting turns",
+            )?;
+            let agents_by_state = count_pairs(
+                db,
+                "SELECT state, COUNT(*) FROM sessions GROUP BY state ORDER BY state",
+                "counting agents",
+            )?;
+            let hosts_by_state = if db.is_pg() {
+                count_pairs(
+                    db,
+                    "SELECT state, COUNT(*) FROM hosts GROUP BY state ORDER BY state",
+                    "counting hosts",
+                )?
+            } else {
+                Vec::new()
+            };
+            let (in_flight, lines, events, malformed, cost, input, output) = db
+                .query_row(
+                    "SELECT COUNT(*) FILTER (WHERE ended_at IS NULL), CAST(COALESCE(SUM(lines), 0) AS BIGINT), \
+                     CAST(COALESCE(SUM(events), 0) AS BIGINT), CAST(COALESCE(SUM(malformed_lines), 0) AS BIGINT), \
+                     CAST(COALESCE(SUM(cost_usd), 0.0) AS DOUBLE PRECISION), \
+                     CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) \
+                     FROM turns",
+                    params![],
+                    |r| {
+                        Ok((
+                            count(r, 0)?,
+                            count(r, 1)?,
+                            count(r, 2)?,
+                            count(r, 3)?,
+                            r.get::<f64>(4)?,
+                            count(r, 5)?,
+                            count(r, 6)?,
+                        ))
+                    },
+                )
+                .ctx("summing turns")?;
+            let (mail, mail_retries) = mail_counts(db, now)?;
+            Ok(Totals {
+                turns_by_outcome,
+                turns_in_flight: in_flight,
+                duration: duration_histogram(db)?,
+                lines,
+                events,
+                malformed_lines: malformed,
+                cost_usd: cost,
+                input_tokens: input,
+                output_tokens: output,
+                agents_by_state,
+                hosts_by_state,
+                mail,
+                mail_retries,
+            })
         })
     }
 
     fn agents(&self, limit: i64) -> Result<(Vec<AgentView>, u64)> {
-        let conn = self.open()?;
-        let total: i64 = conn
-            .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
-            .ctx("counting agents")?;
-        // The open turn, the last finished one and the cost, per shown agent
-        // (the inner LIMIT keeps the per-agent look-ups to the shown rows).
-        let sql = "SELECT s.agent_name, s.capability, s.state, \
-            (SELECT turn_id FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NULL ORDER BY turn_id DESC LIMIT 1), \
-            (SELECT started_at FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NULL ORDER BY turn_id DESC LIMIT 1), \
-            (SELECT outcome FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1), \
-            (SELECT reason FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1), \
-            (SELECT COALESCE(SUM(cost_usd), 0.0) FROM turns t WHERE t.agent_name=s.agent_name) \
-            FROM (SELECT * FROM sessions ORDER BY state = 'in_turn' DESC, last_activity DESC, agent_name LIMIT ?1) s \
-            ORDER BY s.state = 'in_turn' DESC, s.last_activity DESC, s.agent_name";
-        let mut st = conn.prepare_cached(sql).ctx("listing agents")?;
-        let mut rows = st
-            .query_map([limit], |r| {
-                let turn: Option<String> = r.get(3)?;
-                let started: Option<String> = r.get(4)?;
-                Ok(AgentView {
-                    name: r.get(0)?,
-                    capability: r.get(1)?,
-                    state: r.get(2)?,
-                    current_turn: turn.zip(started),
-                    last_event: None,
-                    last_outcome: r.get(5)?,
-                    last_reason: r.get(6)?,
-                    cost_usd: r.get(7)?,
-                })
-            })
-            .ctx("listing agents")?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .ctx("listing agents")?;
-        let mut last = conn
-            .prepare_cached(
-                "SELECT event_type, tool_name, tool_args, data FROM ev.events WHERE turn_id=?1 \
-                 ORDER BY line_no DESC, id DESC LIMIT 1",
-            )
-            .ctx("reading the last event")?;
-        for a in &mut rows {
-            if let Some((turn, _)) = &a.current_turn {
-                a.last_event = last
-                    .query_row([turn], |r| {
-                        Ok(LastEvent {
-                            event_type: r.get(0)?,
-                            tool_name: r.get(1)?,
-                            tool_args: r.get(2)?,
-                            data: r.get(3)?,
-                        })
+        self.with(|db| {
+            let total: i64 = db
+                .query_row("SELECT COUNT(*) FROM sessions", params![], |r| r.get(0))
+                .ctx("counting agents")?;
+            // The open turn, the last finished one and the cost, per shown agent
+            // (the inner LIMIT keeps the per-agent look-ups to the shown rows).
+            let sql = "SELECT s.agent_name, s.capability, s.state, \
+                (SELECT turn_id FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NULL ORDER BY turn_id DESC LIMIT 1), \
+                (SELECT started_at FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NULL ORDER BY turn_id DESC LIMIT 1), \
+                (SELECT outcome FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1), \
+                (SELECT reason FROM turns t WHERE t.agent_name=s.agent_name AND t.ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1), \
+                (SELECT CAST(COALESCE(SUM(cost_usd), 0.0) AS DOUBLE PRECISION) FROM turns t WHERE t.agent_name=s.agent_name) \
+                FROM (SELECT * FROM sessions ORDER BY state = 'in_turn' DESC, last_activity DESC, agent_name LIMIT ?1) s \
+                ORDER BY s.state = 'in_turn' DESC, s.last_activity DESC, s.agent_name";
+            let mut rows = db
+                .query_map(sql, params![limit], |r| {
+                    let turn: Option<String> = r.get(3)?;
+                    let started: Option<String> = r.get(4)?;
+                    Ok(AgentView {
+                        name: r.get(0)?,
+                        capability: r.get(1)?,
+                        state: r.get(2)?,
+                        current_turn: turn.zip(started),
+                        last_event: None,
+                        last_outcome: r.get(5)?,
+                        last_reason: r.get(6)?,
+                        cost_usd: r.get(7)?,
                     })
-                    .optional()
-                    .ctx("reading the last event")?;
+                })
+                .ctx("listing agents")?;
+            for a in &mut rows {
+                if let Some((turn, _)) = &a.current_turn {
+                    a.last_event = db
+                        .query_opt(
+                            "SELECT event_type, tool_name, tool_args, data FROM events WHERE turn_id=?1 \
+                             ORDER BY line_no DESC, id DESC LIMIT 1",
+                            params![turn],
+                            |r| {
+                                Ok(LastEvent {
+                                    event_type: r.get(0)?,
+                                    tool_name: r.get(1)?,
+                                    tool_args: r.get(2)?,
+                                    data: r.get(3)?,
+                                })
+                            },
+                        )
+                        .ctx("reading the last event")?;
+                }
             }
-        }
-        Ok((rows, total.max(0) as u64))
+            Ok((rows, total.max(0) as u64))
+        })
     }
 
     fn mail(&self, now: &str) -> Result<MailCounts> {
-        Ok(mail_counts(&*self.open()?, now)?.0)
+        self.with(|db| Ok(mail_counts(db, now)?.0))
     }
 
     fn recent_turns(&self, limit: i64) -> Result<Vec<TurnRow>> {
-        super::turns::list(self.open()?.db(), None, limit)
+        self.with(|db| super::turns::list(db, None, limit))
     }
 
     fn turn(&self, turn_id: &str) -> Result<Option<TurnRow>> {
-        super::turns::get(self.open()?.db(), turn_id)
+        self.with(|db| super::turns::get(db, turn_id))
     }
 
     fn turn_events(&self, turn_id: &str, limit: i64) -> Result<Vec<StoredEvent>> {
-        // `events` resolves to the attached `ev.events`: sessions.db has none.
+        // On SQLite `events` resolves to the attached `ev.events`.
         let f = EventFilter {
             turn: Some(turn_id.to_string()),
             limit,
             ..EventFilter::default()
         };
-        super::events::list(self.open()?.db(), &f)
+        self.with(|db| super::events::list(db, &f))
     }
 
     fn turn_points(&self, limit: i64) -> Result<Vec<TurnPoint>> {
-        let conn = self.open()?;
-        let mut st = conn
-            .prepare_cached(
-                "SELECT ended_at, COALESCE(cost_usd, 0.0) FROM (SELECT ended_at, cost_usd FROM turns \
-                 WHERE ended_at IS NOT NULL ORDER BY ended_at DESC LIMIT ?1) ORDER BY ended_at",
+        self.with(|db| {
+            db.query_map(
+                "SELECT ended_at, CAST(COALESCE(cost_usd, 0.0) AS DOUBLE PRECISION) FROM (SELECT ended_at, cost_usd FROM turns \
+                 WHERE ended_at IS NOT NULL ORDER BY ended_at DESC LIMIT ?1) AS newest ORDER BY ended_at",
+                params![limit],
+                |r| {
+                    Ok(TurnPoint {
+                        ended_at: r.get(0)?,
+                        cost_usd: r.get(1)?,
+                    })
+                },
             )
-            .ctx("reading turn times")?;
-        let rows = st
-            .query_map([limit], |r| {
-                Ok(TurnPoint {
-                    ended_at: r.get(0)?,
-                    cost_usd: r.get(1)?,
-                })
-            })
-            .ctx("reading turn times")?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .ctx("reading turn times")?;
-        Ok(rows)
+            .ctx("reading turn times")
+        })
     }
 }
 
@@ -496,6 +553,8 @@ mod tests {
         assert_eq!(a[0].last_outcome.as_deref(), Some("done"));
         let conn = v.open().unwrap();
         let e = conn
+            .sqlite()
+            .unwrap()
             .execute("DELETE FROM turns", [])
             .expect_err("a read-only view cannot write");
         assert!(

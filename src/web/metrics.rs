@@ -218,6 +218,21 @@ impl Collector for TotalsCollector {
             })
             .collect();
         gauge_family(&mut enc, "agents", "Agents by state", "state", &states)?;
+        if !t.hosts_by_state.is_empty() {
+            // Fleet mode: every host state shows, at 0 when no host is in it.
+            let hosts: Vec<(String, u64)> = ["online", "offline", "stopped"]
+                .iter()
+                .map(|s| {
+                    let n = t
+                        .hosts_by_state
+                        .iter()
+                        .find(|(k, _)| k == s)
+                        .map_or(0, |(_, n)| *n);
+                    (s.to_string(), n)
+                })
+                .collect();
+            gauge_family(&mut enc, "hosts", "Fleet hosts by state", "state", &hosts)?;
+        }
         let g = ConstGauge::new(self.1.clients as i64);
         g.encode(enc.encode_descriptor(
             "http_live_clients",
@@ -267,6 +282,7 @@ mod tests {
             },
             cost_usd: 0.25,
             agents_by_state: vec![("working".into(), 2)],
+            hosts_by_state: vec![("online".into(), 3)],
             ..Totals::default()
         };
         let c = ServeCounters::default();
@@ -286,6 +302,8 @@ mod tests {
             "runner_cost_usd_total 0.25",
             "runner_agents{state=\"working\"} 2",
             "runner_agents{state=\"zombie\"} 0",
+            "runner_hosts{state=\"online\"} 3",
+            "runner_hosts{state=\"offline\"} 0",
             "runner_serve_backoffs_total 1",
             "runner_sweep_repairs_total{kind=\"orphan_turn\"} 1",
             "runner_sweep_repairs_total{kind=\"claim_dead\"} 0",

@@ -38,7 +38,7 @@ use crate::ctx::Ctx;
 use crate::error::{Result, usage};
 use crate::root::{Root, valid_name};
 use crate::store::StoreError;
-use crate::store::views::{FleetViews, SqliteViews};
+use crate::store::views::{FleetViews, StoreViews};
 use metrics::ServeCounters;
 
 /// How often the live feed polls the store while someone watches.
@@ -155,7 +155,7 @@ pub async fn start(ctx: &Ctx, addr: &str, serve: Option<ServeCounters>) -> Resul
         .map_err(|e| usage(format!("--http: cannot listen on {sock}: {e}")))?;
     let (tx, _) = watch::channel(Arc::new(String::new()));
     let state = Arc::new(WebState {
-        views: Arc::new(SqliteViews::new(&ctx.root.dir)),
+        views: Arc::new(StoreViews::of(&ctx.root.dir, &ctx.config.store)),
         root: ctx.root.clone(),
         token,
         serve,

@@ -1,10 +1,10 @@
-//! The dashboard reads the SQLite files only (`FleetViews` has one
-//! implementation so far), so these roots are SQLite on both passes.
 //! The HTTP side (`runner web`, `runner serve --http`): status codes,
 //! content types, token rules on loopback and non-loopback addresses, the
 //! metrics text parsed back by a Prometheus parser, escaping of agent text,
 //! the live feed's cost when nobody watches, and one test in a real headless
-//! Chromium (the page updates live; a hostile event shows as text).
+//! Chromium (the page updates live; a hostile event shows as text). The
+//! roots are on the store under test (the views run on both), except where
+//! a test is about the SQLite files themselves.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -182,7 +182,7 @@ fn hostile_agent(t: &TestRoot, name: &str, silent_ms: u64) {
 
 #[test]
 fn endpoints_answer_with_their_status_and_content_type() {
-    let t = TestRoot::sqlite();
+    let t = TestRoot::new();
     t.agent(
         "a1",
         "builder",
@@ -283,7 +283,7 @@ fn endpoints_answer_with_their_status_and_content_type() {
 
 #[test]
 fn live_feed_polls_only_while_watched() {
-    let t = TestRoot::sqlite();
+    let t = TestRoot::new();
     t.agent("a1", "builder", None, &[]);
     let web = start(&t, &["web", "--http", "127.0.0.1:0"], &[]);
     let a = web.addr.clone();
@@ -331,7 +331,7 @@ fn live_feed_polls_only_while_watched() {
 
 #[test]
 fn agent_text_shows_escaped_on_every_page() {
-    let t = TestRoot::sqlite();
+    let t = TestRoot::new();
     hostile_agent(&t, "evil", 0);
     t.mail("lead", "evil", "go");
     let turn = t.run(["turn", "--agent", "evil", "--json"]);
@@ -354,7 +354,7 @@ fn agent_text_shows_escaped_on_every_page() {
 
 #[test]
 fn tokens_guard_every_request_and_non_loopback_needs_one() {
-    let t = TestRoot::sqlite();
+    let t = TestRoot::new();
     t.run(["init"]).status(0);
     t.run(["web", "--http", "0.0.0.0:0"])
         .status(2)
@@ -440,7 +440,7 @@ fn healthz_says_why_when_the_store_does_not_answer() {
 
 #[test]
 fn serve_http_counts_turns_and_sweeps() {
-    let t = TestRoot::sqlite();
+    let t = TestRoot::new();
     t.agent("a1", "builder", None, &[]);
     std::fs::write(
         t.root().join("config.toml"),
