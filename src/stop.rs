@@ -67,6 +67,20 @@ pub async fn stop(
         ))
     })?;
     rep.changed = cas.applied();
+    // Fleet mode: a turn running on another host cannot be signalled from
+    // here; it reads `completed` when it settles and records `stopped`.
+    if store.conn.is_pg()
+        && let Some(row) = crate::store::leases::get(&store.conn, agent)?
+        && row.host != ctx.config.host_id
+        && !row.expired
+    {
+        rep.message = format!(
+            "{agent} marked completed; its turn {} runs on host {}, which records it stopped when it ends (this host cannot signal it)",
+            row.turn_id.as_deref().unwrap_or("(a repair)"),
+            row.host
+        );
+        return Ok(rep);
+    }
     let lock = ctx.root.lock_path(agent);
     if lease::is_held(&lock) {
         if let Some(info) = lease::read_info(&lock)
@@ -85,8 +99,33 @@ pub async fn stop(
         };
         return Ok(rep);
     }
-    // No live runner: finish what a dead one left, as it would have.
+    // No live runner: finish what a dead one left, as it would have —
+    // holding the whole lease (in fleet mode the row too).
     let _lease = Lease::acquire(&lock, agent, wait).await?;
+    let fleet = crate::fleet::acquire(ctx, &mut store, agent, None, wait).await?;
+    if let Some(f) = &fleet {
+        store.conn.set_fence(Some(f.fence.clone()));
+    }
+    let r = stop_dead_turn(ctx, &mut store, agent, &s, grace, baseline, &mut rep).await;
+    if let Some(f) = fleet {
+        f.release(&store.conn);
+    }
+    r?;
+    Ok(rep)
+}
+
+/// Kills what a dead runner's turn left, finishes its row `stopped`,
+/// releases the claims and tells the parent (once).
+async fn stop_dead_turn(
+    ctx: &Ctx,
+    store: &mut crate::store::Store,
+    agent: &str,
+    s: &sessions::Session,
+    grace: Duration,
+    baseline: i64,
+    rep: &mut StopReport,
+) -> Result<()> {
+    let lock = ctx.root.lock_path(agent);
     let cap = capability::load(&ctx.root.dir, &s.capability).ok();
     let terminal_types = cap
         .as_ref()
@@ -111,7 +150,7 @@ pub async fn stop(
         tokio::task::spawn_blocking(move || spawn::terminate_blocking(&procs, grace))
             .await
             .map_err(|e| crate::error::Error::Internal(e.to_string()))?;
-        crate::sweep::finish_turn_as(ctx, &mut store, agent, t, "stopped", "stopped by operator")?;
+        crate::sweep::finish_turn_as(ctx, store, agent, t, "stopped", "stopped by operator")?;
         ended_turn = true;
     }
     let _ = std::fs::remove_file(ctx.root.pid_path(agent));
@@ -156,5 +195,5 @@ pub async fn stop(
             sessions::current(&store.conn, agent)?.unwrap_or_default()
         )
     };
-    Ok(rep)
+    Ok(())
 }
