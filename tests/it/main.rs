@@ -3,6 +3,7 @@
 //! codes, database rows, files and live processes.
 
 mod ending;
+mod fleet_mail;
 mod foundation;
 mod http;
 mod mail_serve;
@@ -117,6 +118,20 @@ impl TestRoot {
                 .unwrap(),
             pg: None,
         }
+    }
+
+    /// A root on PostgreSQL whatever the store under test (fleet-only
+    /// behaviour), or `None` with a notice when no server answers (a
+    /// failure under `RUNNER_TEST_PG=require` or `RUNNER_TEST_STORE=postgres`).
+    pub fn postgres() -> Option<TestRoot> {
+        let pg = if testing_postgres() {
+            pg::pg_required()
+        } else {
+            pg::pg()?
+        };
+        let mut t = TestRoot::sqlite();
+        t.pg = Some(pg);
+        Some(t)
     }
 
     /// The PostgreSQL schema holding this root's tables, if any.
