@@ -95,16 +95,20 @@ fn a_listener_whose_connection_is_killed_reconnects_and_catches_up() {
         first.is_some()
     });
     // Mail whose notification the listener never gets (written without
-    // one, as if sent while it was down): the wake that follows every
-    // reconnection finds it.
+    // one, as if sent while it was down), due only after serve's first
+    // passes: the wake that follows every reconnection finds it.
     let id = "msg-unnotified01";
+    let due = std::time::SystemTime::now() + Duration::from_millis(1500);
     admin
         .execute(
-            "INSERT INTO messages (id, from_agent, to_agent, subject, body, read, created_at) \
-             VALUES ($1, 'orchestrator', 'b1', 'task', 'missed', 0, '2026-01-01T00:00:00.000Z')",
-            &[&id],
+            "INSERT INTO messages (id, from_agent, to_agent, subject, body, read, created_at, \
+             process_after) VALUES ($1, 'orchestrator', 'b1', 'task', 'missed', 0, $2, $3)",
+            &[&id, &runner::clock::now(), &runner::clock::format_ts(due)],
         )
         .unwrap();
+    wait_for(Duration::from_secs(5), "the mail to be due", || {
+        std::time::SystemTime::now() > due + Duration::from_millis(50)
+    });
     let killed: bool = admin
         .query_one("SELECT pg_terminate_backend($1)", &[&first.unwrap()])
         .unwrap()
