@@ -162,3 +162,70 @@ fn every_mail_insert_notifies_runner_mail_with_the_recipient() {
     }
     assert_eq!(got.as_deref(), Some(to.as_str()), "no NOTIFY for {to}");
 }
+
+/// `events --follow` on PostgreSQL: a writer that drew a lower id but
+/// commits after a newer row (two turns' event writers) is still shown,
+/// in id order, and each row once.
+#[test]
+fn events_follow_shows_a_row_committed_after_a_newer_one() {
+    let Some(t) = TestRoot::postgres() else {
+        return;
+    };
+    t.run(["init"]).status(0);
+    let pg = t.pg().unwrap();
+    let insert = "INSERT INTO events (agent_name, event_type, data, created_at) \
+                  VALUES ('w', 'custom', $1, '2026-01-01T00:00:00.000Z')";
+    pg.client().execute(insert, &[&"before"]).unwrap();
+    let mut f = t.spawn(["events", "--follow", "--json", "--agent", "w"]);
+    let stdout = f.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the existing row");
+    assert!(first.contains("before"), "{first}");
+    // The slow writer draws its id first and commits last.
+    let mut slow = pg.client();
+    let mut slow_tx = slow.transaction().unwrap();
+    slow_tx.execute(insert, &[&"slow"]).unwrap();
+    pg.client().execute(insert, &[&"fast"]).unwrap();
+    // Two polls' time: a follow that does not wait for the slow writer
+    // shows the newer row now, and never the slow one.
+    let mut lines: Vec<String> = rx
+        .recv_timeout(Duration::from_millis(400))
+        .into_iter()
+        .collect();
+    slow_tx.commit().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while lines.len() < 2 && Instant::now() < until {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            lines.push(l);
+        }
+    }
+    let data: Vec<&str> = lines
+        .iter()
+        .map(|l| {
+            if l.contains("slow") {
+                "slow"
+            } else if l.contains("fast") {
+                "fast"
+            } else {
+                "other"
+            }
+        })
+        .collect();
+    assert_eq!(data, ["slow", "fast"], "{lines:?}");
+    signal(f.id(), Signal::SIGINT);
+    assert_eq!(
+        wait_child(f, Duration::from_secs(10)).status.code(),
+        Some(0)
+    );
+}
