@@ -1,7 +1,8 @@
 //! Mail across hosts (SPEC §12.4), on PostgreSQL only: every mail insert
 //! issues `NOTIFY runner_mail` with the recipient; `serve` `LISTEN`s and
 //! starts the recipient's turn at once, not at its next poll; a listener
-//! whose connection is lost reconnects, re-`LISTEN`s and catches up.
+//! whose connection is lost reconnects, re-`LISTEN`s and catches up. And
+//! `events --follow` across hosts (§12.6): rows committed out of id order.
 //!
 //! Each serve here polls every 60 s, so mail delivered within seconds was
 //! delivered because of a notification (or of the wake that follows a
@@ -228,4 +229,22 @@ fn events_follow_shows_a_row_committed_after_a_newer_one() {
         wait_child(f, Duration::from_secs(10)).status.code(),
         Some(0)
     );
+}
+
+/// The listener ends with its handle: serve leaves no session behind.
+#[test]
+fn a_dropped_listener_closes_its_session() {
+    let Some(t) = TestRoot::postgres() else {
+        return;
+    };
+    let pg = t.pg().unwrap();
+    let listener = runner::store::pg::listen::Listener::start(&pg.url, &pg.schema);
+    let mut admin = pg.client();
+    wait_for(Duration::from_secs(20), "the listener to listen", || {
+        listener_pid(&t, &mut admin).is_some()
+    });
+    drop(listener);
+    wait_for(Duration::from_secs(5), "its session to end", || {
+        listener_pid(&t, &mut admin).is_none()
+    });
 }

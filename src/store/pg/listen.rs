@@ -35,6 +35,8 @@ pub enum Wake {
 
 /// How often the thread checks whether it should stop.
 const TICK: Duration = Duration::from_millis(250);
+/// How long a wake waits for the rest of its burst.
+pub const GATHER: Duration = Duration::from_millis(20);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -65,13 +67,15 @@ impl Listener {
         Listener { stop, wakes }
     }
 
-    /// The next wakes: waits for one, then takes every one already queued
-    /// (a burst of mail wakes serve once). Never returns if the thread is
-    /// gone.
+    /// The next wakes: waits for one, then [`GATHER`] more, and takes every
+    /// one queued by then, so a burst of mail wakes serve once (at most 50
+    /// scheduling passes a second, however much mail). Never returns if the
+    /// thread is gone.
     pub async fn woken(&mut self) -> Vec<Wake> {
         let Some(first) = self.wakes.recv().await else {
             return std::future::pending().await;
         };
+        tokio::time::sleep(GATHER).await;
         let mut out = vec![first];
         while let Ok(w) = self.wakes.try_recv() {
             out.push(w);
