@@ -6,10 +6,10 @@
 //! to 10 min); on SIGINT/SIGTERM stops scheduling and interrupts in-flight
 //! turns (their mail goes back to pending with no retry count), exiting
 //! within grace + 1 s; a second signal kills them at once. On PostgreSQL a
-//! listener ([`crate::store::pg::listen`]) wakes the loop as soon as mail is
-//! committed anywhere in the fleet; `--poll` remains the fallback. Scheduling only
-//! decides; the turn and the lease guarantee one turn per agent even against
-//! a manual `runner turn`.
+//! listener ([`crate::store::pg::listen`]) wakes the loop as soon as mail
+//! is committed anywhere in the fleet; `--poll` remains the fallback.
+//! Scheduling only decides; the turn and the lease guarantee one turn per
+//! agent even against a manual `runner turn`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
