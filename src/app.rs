@@ -223,6 +223,7 @@ async fn run_web(ctx: &Ctx, w: WebArgs) -> Result<i32> {
 
 /// `runner events --follow`: what is there, then every new event as it is
 /// written (one JSON object per line with `--json`), until SIGINT/SIGTERM.
+/// New rows are polled by id ([`crate::store::follow`]).
 async fn follow_events(ctx: &Ctx, e: EventsArgs) -> Result<i32> {
     let print = |r: &crate::store::events::StoredEvent| {
         if ctx.json {
@@ -231,32 +232,34 @@ async fn follow_events(ctx: &Ctx, e: EventsArgs) -> Result<i32> {
             println!("{}", report::event_line(r))
         }
     };
-    let mut f: EventFilter = e.into();
-    let first = ops::events(ctx, &f)?;
-    first.iter().for_each(print);
-    let mut last_id = first.last().map(|r| r.id).unwrap_or(0);
-    f.limit = 1000;
-    let mut signals = serve::signal_counter();
+    let f: EventFilter = e.into();
     // One connection for the whole follow: polling never reconnects (on
     // PostgreSQL a connect is a round trip and a migration check).
     let conn = ctx.events()?;
+    // The end of the table first, so nothing written meanwhile is lost.
+    let mut follow = crate::store::follow::Follow::start(&conn, f.clone())?;
+    let first = ops::events(ctx, &f)?;
+    first.iter().for_each(print);
+    if let Some(l) = first.last() {
+        follow.shown(l.id);
+    }
+    let mut signals = serve::signal_counter();
+    let mut more = false;
     loop {
-        tokio::select! {
-            _ = signals.changed() => return Ok(0),
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        if more {
+            // A backlog: read on, but still stop when asked.
+            if signals.has_changed().unwrap_or(false) {
+                return Ok(0);
+            }
+        } else {
+            tokio::select! {
+                _ = signals.changed() => return Ok(0),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
         }
-        let new = crate::store::events::list(
-            &conn,
-            &EventFilter {
-                after_id: last_id,
-                ..f.clone()
-            },
-        )?;
-        let new: Vec<_> = new.into_iter().filter(|r| r.id > last_id).collect();
+        let (new, m) = follow.poll(&conn, std::time::Instant::now())?;
+        more = m;
         new.iter().for_each(print);
-        if let Some(l) = new.last() {
-            last_id = l.id;
-        }
     }
 }
 

@@ -5,9 +5,11 @@
 //! backs off agents whose turns are `refused`/`spawn_failed` (5 s doubling
 //! to 10 min); on SIGINT/SIGTERM stops scheduling and interrupts in-flight
 //! turns (their mail goes back to pending with no retry count), exiting
-//! within grace + 1 s; a second signal kills them at once. Scheduling only
-//! decides; the turn and the lease guarantee one turn per agent even against
-//! a manual `runner turn`.
+//! within grace + 1 s; a second signal kills them at once. On PostgreSQL a
+//! listener ([`crate::store::pg::listen`]) wakes the loop as soon as mail
+//! is committed anywhere in the fleet; `--poll` remains the fallback.
+//! Scheduling only decides; the turn and the lease guarantee one turn per
+//! agent even against a manual `runner turn`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +26,9 @@ use crate::error::{Result, usage};
 use crate::lease;
 use crate::root::check_name;
 use crate::state::State;
+use crate::store::Backend;
 use crate::store::mail::{self as mailstore, NewMessage};
+use crate::store::pg::listen::{Listener, Wake};
 use crate::store::sessions;
 use crate::turn::{self, AbortRequest, TurnRequest, TurnSummary};
 
@@ -93,6 +97,8 @@ pub async fn serve(
     let mut set: JoinSet<(String, Result<TurnSummary>, Duration, usize)> = JoinSet::new();
     let mut next_sweep = Instant::now();
     let mut shutting_down = false;
+    // Dropped (and so stopped) when serve returns.
+    let mut listener = mail_listener(&ctx);
     loop {
         let now = Instant::now();
         if !shutting_down {
@@ -167,9 +173,30 @@ pub async fn serve(
                 }
             }
             _ = tokio::time::sleep(opts.poll), if !shutting_down => {}
+            w = mail_woken(&mut listener), if !shutting_down => {
+                tracing::debug!("woken by mail: {w:?}");
+            }
         }
     }
     Ok(rep)
+}
+
+/// Fleet mode (SPEC §12.4): a listener on `runner_mail`, whose
+/// notifications wake the loop at once; `--poll` remains the fallback.
+/// SQLite: none.
+fn mail_listener(ctx: &Ctx) -> Option<Listener> {
+    match &ctx.config.store {
+        Backend::Postgres { url, schema } => Some(Listener::start(url, schema)),
+        Backend::Sqlite => None,
+    }
+}
+
+/// The next wakes of the listener; never, without one.
+async fn mail_woken(listener: &mut Option<Listener>) -> Vec<Wake> {
+    match listener {
+        Some(l) => l.woken().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn schedule(

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::db::{Db, ToValue, params};
+use super::db::{Db, DbResult, Row, ToValue, params};
 use super::{Backend, Ctx, Result, StoreError, immediate, open_conn, schema};
 
 /// One row for `events`, without the columns common to a turn.
@@ -442,25 +442,31 @@ pub fn list(conn: &Db, f: &EventFilter) -> Result<Vec<StoredEvent>> {
     conn.query_map(
         if f.after_id > 0 { sql_follow } else { sql },
         params![f.agent, f.turn, f.event_type, f.after_id, f.limit],
-        |r| {
-            Ok(StoredEvent {
-                id: r.get(0)?,
-                run_id: r.get(1)?,
-                agent_name: r.get(2)?,
-                session_id: r.get(3)?,
-                event_type: r.get(4)?,
-                tool_name: r.get(5)?,
-                tool_args: r.get(6)?,
-                tool_duration_ms: r.get(7)?,
-                level: r.get(8)?,
-                data: r.get(9)?,
-                created_at: r.get(10)?,
-                turn_id: r.get(11)?,
-                line_no: r.get(12)?,
-            })
-        },
+        from_row,
     )
     .ctx("reading events")
+}
+
+/// The columns [`from_row`] reads, in its order.
+pub(super) const COLS: &str = "id, run_id, agent_name, session_id, event_type, tool_name, \
+    tool_args, tool_duration_ms, level, data, created_at, turn_id, line_no";
+
+pub(super) fn from_row(r: &Row<'_>) -> DbResult<StoredEvent> {
+    Ok(StoredEvent {
+        id: r.get(0)?,
+        run_id: r.get(1)?,
+        agent_name: r.get(2)?,
+        session_id: r.get(3)?,
+        event_type: r.get(4)?,
+        tool_name: r.get(5)?,
+        tool_args: r.get(6)?,
+        tool_duration_ms: r.get(7)?,
+        level: r.get(8)?,
+        data: r.get(9)?,
+        created_at: r.get(10)?,
+        turn_id: r.get(11)?,
+        line_no: r.get(12)?,
+    })
 }
 
 /// The highest stdout line number of a turn already in `events` (0 if none).

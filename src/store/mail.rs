@@ -4,6 +4,8 @@
 //! writes what they decide. Every claim change is keyed by a scope (one
 //! turn's claims, or all claims of one agent for the sweep) and must run in
 //! the caller's transaction while the caller holds that agent's lease.
+//! On PostgreSQL every insert also issues `NOTIFY runner_mail` with the
+//! recipient, delivered when the insert commits (SPEC §12.4).
 
 use super::db::{Db, DbResult, Row, ToValue, params};
 use serde::Serialize;
@@ -128,9 +130,25 @@ pub fn insert(conn: &Db, m: &NewMessage, now: &str) -> Result<String> {
             ],
         );
         if inserted.ctx("storing mail")? {
+            notify(conn, &m.to_agent)?;
             return Ok(id);
         } // else an id collision: draw again
     }
+}
+
+/// The channel every mail insert notifies on PostgreSQL (SPEC §12.4).
+pub const MAIL_CHANNEL: &str = "runner_mail";
+
+/// On PostgreSQL, `NOTIFY runner_mail` with the recipient: sent when the
+/// caller's transaction commits (at once outside one), never for a rolled
+/// back insert. Serves `LISTEN` ([`super::pg::listen`]) and start the
+/// recipient's turn without waiting for their next poll. SQLite: nothing.
+fn notify(conn: &Db, recipient: &str) -> Result<()> {
+    if conn.is_pg() {
+        conn.execute("SELECT pg_notify(?1, ?2)", params![MAIL_CHANNEL, recipient])
+            .ctx("notifying new mail")?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default, Clone)]

@@ -13,6 +13,7 @@
 
 pub mod db;
 pub mod events;
+pub mod follow;
 pub mod health;
 pub mod leases;
 pub mod mail;

@@ -4,6 +4,7 @@
 
 mod ending;
 mod fleet;
+mod fleet_mail;
 mod foundation;
 mod http;
 mod mail_serve;
@@ -145,11 +146,17 @@ impl TestRoot {
         self
     }
 
-    /// A root on PostgreSQL whatever the store under test, or `None` (with
-    /// a notice) when no server answers and none is required.
+    /// A root on PostgreSQL whatever the store under test (fleet-only
+    /// behaviour), or `None` with a notice when no server answers (a
+    /// failure under `RUNNER_TEST_PG=require` or `RUNNER_TEST_STORE=postgres`).
     pub fn postgres() -> Option<TestRoot> {
+        let pg = if testing_postgres() {
+            pg::pg_required()
+        } else {
+            pg::pg()?
+        };
         let mut t = TestRoot::sqlite();
-        t.pg = Some(pg::pg()?);
+        t.pg = Some(pg);
         Some(t)
     }
 

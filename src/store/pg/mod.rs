@@ -9,9 +9,11 @@
 //! `runner_meta` is not ours and is never written; a schema from a newer
 //! runner is refused; a server out of connection slots is retried briefly,
 //! then reported as busy. Queries go through the store seam
-//! ([`super::db::Db`]); this module only connects, migrates and copies.
+//! ([`super::db::Db`]); this module only connects, migrates, copies, and
+//! listens for mail notifications ([`listen`], SPEC §12.4).
 
 pub mod copy;
+pub mod listen;
 pub mod schema;
 
 use std::str::FromStr;
