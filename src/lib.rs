@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod error;
 pub mod fake_agent;
 pub mod fault;
+pub mod hosts;
 pub mod lease;
 pub mod mail;
 pub mod manual;

@@ -14,6 +14,7 @@
 pub mod db;
 pub mod events;
 pub mod health;
+pub mod hosts;
 pub mod mail;
 pub mod metrics;
 pub mod pg;
