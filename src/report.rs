@@ -272,7 +272,7 @@ pub fn status(rows: &[AgentView]) {
     // Fleet mode: the agent's host, last (SQLite output is unchanged).
     let fleet = rows.iter().any(|v| v.host.is_some());
     let host_col = |h: Option<&str>| match (fleet, h) {
-        (true, h) => format!(" {:<16}", h.unwrap_or("*")),
+        (true, h) => format!(" {}", h.unwrap_or("*")),
         (false, _) => String::new(),
     };
     let _ = writeln!(

@@ -3,6 +3,7 @@
 //! codes, database rows, files and live processes.
 
 mod ending;
+mod fleet_hosts;
 mod foundation;
 mod http;
 mod mail_serve;
