@@ -141,9 +141,10 @@ async fn run(cli: Cli) -> Result<i32> {
             },
             json,
         ),
-        Command::Mail(MailCmd::List(l)) => {
-            emit(&report::MailList(ops::mail_list_hosts(&ctx, l.into())?), json)
-        }
+        Command::Mail(MailCmd::List(l)) => emit(
+            &report::MailList(ops::mail_list_hosts(&ctx, l.into())?),
+            json,
+        ),
         Command::Mail(MailCmd::Check { agent }) => {
             emit(&report::MailBodies(ops::mail_check(&ctx, &agent)?), json)
         }

@@ -214,9 +214,10 @@ fn beat_loop(
         if conn.is_none() {
             match crate::store::pg::connect(url, schema) {
                 Ok(mut c) => {
-                    // A beat that hangs must not outlive a few periods.
+                    // A beat that hangs must not outlive a few periods; the
+                    // name tells `pg_stat_activity` whose heartbeat it is.
                     let _ = c.batch_execute(&format!(
-                        "SET statement_timeout = {}",
+                        "SET statement_timeout = {}; SET application_name = 'runner-heartbeat {id}'",
                         every.as_millis().clamp(1000, 30_000)
                     ));
                     conn = Some(Db::pg(c));

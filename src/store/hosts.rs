@@ -150,11 +150,9 @@ pub fn set_agent_host(db: &Db, agent: &str, host: &str) -> Result<()> {
 
 /// Every agent's host (`agent_name`, `host`), for the host columns.
 pub fn agent_hosts(db: &Db) -> Result<Vec<(String, Option<String>)>> {
-    db.query_map(
-        "SELECT agent_name, host FROM sessions",
-        params![],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
+    db.query_map("SELECT agent_name, host FROM sessions", params![], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
     .ctx("reading agents' hosts")
 }
 

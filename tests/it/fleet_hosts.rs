@@ -73,7 +73,11 @@ fn host<'a>(list: &'a [serde_json::Value], id: &str) -> Option<&'a serde_json::V
 fn an_agent_pinned_to_another_host_is_refused_there_by_turn_nudge_and_stop() {
     let Some(t) = pg_root() else { return };
     add(&t, "host-a", "w1", &[]).status(0);
-    assert_eq!(agent_host(&t, "w1").as_deref(), Some("host-a"), "default: this host");
+    assert_eq!(
+        agent_host(&t, "w1").as_deref(),
+        Some("host-a"),
+        "default: this host"
+    );
     for args in [
         &["turn", "--agent", "w1", "--message", "hi"][..],
         &["turn", "--agent", "w1", "--from", "lead", "--message", "hi"][..],
@@ -122,7 +126,12 @@ fn a_floating_agent_runs_on_either_host_and_host_pins_explicitly() {
             params![],
         )
         .unwrap();
-    on(&t, "host-b", &["turn", "--agent", "legacy", "--message", "x"]).status(0);
+    on(
+        &t,
+        "host-b",
+        &["turn", "--agent", "legacy", "--message", "x"],
+    )
+    .status(0);
     // --host names another host: pinned there, not here.
     add(&t, "host-a", "far", &["--host", "host-c"]).status(0);
     assert_eq!(agent_host(&t, "far").as_deref(), Some("host-c"));
@@ -210,9 +219,12 @@ fn serve_registers_beats_serves_own_and_floating_agents_and_stops() {
         "300ms",
     ]);
     let log_path = t.path().join("serve.stderr");
-    c.envs([("RUNNER_HOST_ID", "srv"), ("RUNNER_FLEET_HEARTBEAT", "100ms")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log_path).unwrap());
+    c.envs([
+        ("RUNNER_HOST_ID", "srv"),
+        ("RUNNER_FLEET_HEARTBEAT", "100ms"),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::fs::File::create(&log_path).unwrap());
     let child = c.spawn().unwrap();
     let last_seen = || {
         t.str(
@@ -269,10 +281,22 @@ fn host_columns_show_on_postgres() {
     add(&t, "host-a", "w", &[]).status(0);
     add(&t, "host-a", "fl", &["--host", "*"]).status(0);
     t.mail("w", "fl", "hello");
-    on(&t, "host-b", &["turn", "--agent", "fl", "--no-mail", "--message", "x"]).status(0);
+    on(
+        &t,
+        "host-b",
+        &["turn", "--agent", "fl", "--no-mail", "--message", "x"],
+    )
+    .status(0);
     let s = t.run(["status", "--json"]);
     let s = s.json();
-    let by = |n: &str| s.as_array().unwrap().iter().find(|a| a["agent_name"] == n).unwrap().clone();
+    let by = |n: &str| {
+        s.as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["agent_name"] == n)
+            .unwrap()
+            .clone()
+    };
     assert_eq!(by("w")["host"], "host-a");
     assert_eq!(by("fl")["host"], "*");
     let human = t.run(["status"]).stdout();
@@ -309,7 +333,10 @@ fn mark_offline_stale_is_a_cas_on_the_database_clock() {
         params![],
     )
     .unwrap();
-    assert_eq!(h::mark_offline_stale(db, Duration::from_secs(60)).unwrap(), 1);
+    assert_eq!(
+        h::mark_offline_stale(db, Duration::from_secs(60)).unwrap(),
+        1
+    );
     let state = |id: &str| -> String {
         db.query_row("SELECT state FROM hosts WHERE id=?1", params![id], |r| {
             r.get(0)
@@ -320,11 +347,17 @@ fn mark_offline_stale_is_a_cas_on_the_database_clock() {
     assert_eq!(state("fresh"), "online");
     assert_eq!(state("gone"), "stopped", "a stopped host stays stopped");
     // Again: nothing left to change.
-    assert_eq!(h::mark_offline_stale(db, Duration::from_secs(60)).unwrap(), 0);
+    assert_eq!(
+        h::mark_offline_stale(db, Duration::from_secs(60)).unwrap(),
+        0
+    );
     // A beat brings a host back online; a fresh host is not stale at 60 s.
     assert!(h::beat(db, "silent").unwrap());
     assert_eq!(state("silent"), "online");
-    assert_eq!(h::mark_offline_stale(db, Duration::from_secs(60)).unwrap(), 0);
+    assert_eq!(
+        h::mark_offline_stale(db, Duration::from_secs(60)).unwrap(),
+        0
+    );
     assert!(!h::beat(db, "never-registered").unwrap());
     // The re-check is the database's: a stale threshold below the age only.
     db.execute(
@@ -332,8 +365,14 @@ fn mark_offline_stale_is_a_cas_on_the_database_clock() {
         params![],
     )
     .unwrap();
-    assert_eq!(h::mark_offline_stale(db, Duration::from_secs(60)).unwrap(), 0);
-    assert_eq!(h::mark_offline_stale(db, Duration::from_secs(20)).unwrap(), 1);
+    assert_eq!(
+        h::mark_offline_stale(db, Duration::from_secs(60)).unwrap(),
+        0
+    );
+    assert_eq!(
+        h::mark_offline_stale(db, Duration::from_secs(20)).unwrap(),
+        1
+    );
     assert_eq!(state("fresh"), "offline");
     let list = h::list(db).unwrap();
     let fresh = list.iter().find(|r| r.id == "fresh").unwrap();
@@ -344,7 +383,8 @@ fn mark_offline_stale_is_a_cas_on_the_database_clock() {
 fn sqlite_is_one_host_no_pinning() {
     let t = TestRoot::sqlite();
     let r = add(&t, "host-a", "w", &["--host", "host-b"]);
-    r.status(2).one_line_error("--host needs the PostgreSQL store");
+    r.status(2)
+        .one_line_error("--host needs the PostgreSQL store");
     add(&t, "host-a", "w", &["--host", "*"])
         .status(2)
         .one_line_error("--host needs the PostgreSQL store");
@@ -362,4 +402,47 @@ fn sqlite_is_one_host_no_pinning() {
     assert!(s[0].get("host").is_none());
     assert!(!t.run(["status"]).stdout().contains("HOST"));
     assert!(!t.run(["turns"]).stdout().contains("HOST"));
+}
+
+#[test]
+fn the_heartbeat_beats_on_its_own_connection_and_reconnects() {
+    let Some(t) = pg_root() else { return };
+    let pg = t.pg.as_ref().unwrap();
+    let id = format!("hb-{}", std::process::id());
+    let mut ctx = runner::ctx::Ctx::new(&t.root(), false).unwrap();
+    ctx.config.store = runner::store::Backend::Postgres {
+        url: pg.url.clone(),
+        schema: pg.schema.clone(),
+    };
+    ctx.config.host_id = id.clone();
+    ctx.config.fleet.heartbeat = Duration::from_millis(50);
+    let host = runner::hosts::Serving::start(&ctx).unwrap();
+    let seen = || -> String {
+        t.str(
+            "sessions.db",
+            &format!("SELECT CAST(last_seen_at AS TEXT) FROM hosts WHERE id='{id}'"),
+        )
+        .unwrap()
+    };
+    let first = seen();
+    wait_for(Duration::from_secs(20), "a beat", || seen() > first);
+    // Kill the heartbeat's connection: it reconnects and beats on.
+    let killed = pg.i64(&format!(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'runner-heartbeat {id}'"
+    ));
+    assert_eq!(killed, 1);
+    let after_kill = seen();
+    wait_for(Duration::from_secs(20), "a beat after reconnecting", || {
+        seen() > after_kill
+    });
+    host.stopped().unwrap();
+    assert_eq!(
+        t.str(
+            "sessions.db",
+            &format!("SELECT state FROM hosts WHERE id='{id}'"),
+        )
+        .as_deref(),
+        Some("stopped")
+    );
 }
