@@ -15,6 +15,7 @@ use crate::cli::{
 };
 use crate::ctx::Ctx;
 use crate::error::{Error, Result, exit_code};
+use crate::hosts;
 use crate::ops;
 use crate::report::{self, emit};
 use crate::serve;
@@ -87,18 +88,34 @@ async fn run(cli: Cli) -> Result<i32> {
         ),
         Command::Agent(AgentCmd::Add(a)) => emit(&ops::agent_add(&ctx, a.into())?, json),
         Command::Agent(AgentCmd::Show { name }) => emit(&ops::agent_show(&ctx, &name)?, json),
-        Command::Turn(t) => emit(&run_turn(&ctx, t).await?, json),
-        Command::Nudge(n) => emit(
-            &serve::nudge(&ctx, &n.agent, n.text, n.from, n.force).await?,
-            json,
-        ),
-        Command::Stop(s) => emit(
-            &crate::stop::stop(&ctx, &s.agent, s.grace, s.wait).await?,
-            json,
-        ),
+        // Fleet mode (SPEC §12.2): commands that run turns or sweeps
+        // register this host; an agent pinned to another host is refused
+        // right after its name is checked, before its state is read.
+        Command::Turn(t) => {
+            hosts::enter(&ctx, Some(&t.agent), true)?;
+            emit(&run_turn(&ctx, t).await?, json)
+        }
+        Command::Nudge(n) => {
+            hosts::enter(&ctx, Some(&n.agent), true)?;
+            emit(
+                &serve::nudge(&ctx, &n.agent, n.text, n.from, n.force).await?,
+                json,
+            )
+        }
+        Command::Stop(s) => {
+            hosts::enter(&ctx, Some(&s.agent), false)?;
+            emit(
+                &crate::stop::stop(&ctx, &s.agent, s.grace, s.wait).await?,
+                json,
+            )
+        }
         Command::Serve(s) => emit(&run_serve(&ctx, s).await?, json),
+        Command::Hosts => emit(&hosts::list(&ctx)?, json),
         Command::Web(w) => run_web(&ctx, w).await?,
         Command::Sweep(s) => {
+            if !s.dry_run {
+                hosts::enter(&ctx, None, true)?;
+            }
             let c = ctx.clone();
             let r = tokio::task::spawn_blocking(move || crate::sweep::sweep(&c, s.dry_run))
                 .await
@@ -110,7 +127,10 @@ async fn run(cli: Cli) -> Result<i32> {
             json,
         ),
         Command::Turns(t) => emit(
-            &report::TurnList(ops::turns(&ctx, t.agent.as_deref(), t.limit)?),
+            &report::TurnList(
+                ops::turns(&ctx, t.agent.as_deref(), t.limit)?,
+                hosts::fleet(&ctx),
+            ),
             json,
         ),
         Command::Events(e) if e.follow => follow_events(&ctx, e).await?,
@@ -121,9 +141,10 @@ async fn run(cli: Cli) -> Result<i32> {
             },
             json,
         ),
-        Command::Mail(MailCmd::List(l)) => {
-            emit(&report::MailList(ops::mail_list(&ctx, l.into())?), json)
-        }
+        Command::Mail(MailCmd::List(l)) => emit(
+            &report::MailList(ops::mail_list_hosts(&ctx, l.into())?),
+            json,
+        ),
         Command::Mail(MailCmd::Check { agent }) => {
             emit(&report::MailBodies(ops::mail_check(&ctx, &agent)?), json)
         }
@@ -206,7 +227,13 @@ async fn run_serve(ctx: &Ctx, s: ServeArgs) -> Result<serve::ServeReport> {
         Some(addr) => Some(crate::web::start(ctx, addr, Some(opts.counters.clone())).await?),
         None => None,
     };
-    serve::serve(Arc::new(ctx.clone()), opts, serve::signal_counter()).await
+    // Registered and beating while it serves; `stopped` on a clean exit.
+    // Signals first: a SIGTERM right after the host shows online is counted.
+    let signals = serve::signal_counter();
+    let host = hosts::Serving::start(ctx)?;
+    let rep = serve::serve(Arc::new(ctx.clone()), opts, signals).await?;
+    host.stopped()?;
+    Ok(rep)
 }
 
 /// `runner web`: the read-only dashboard and /metrics until SIGINT/SIGTERM.

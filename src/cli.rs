@@ -69,6 +69,9 @@ pub enum Command {
     Web(WebArgs),
     /// A table of agents.
     Status(StatusArgs),
+    /// Fleet mode: the hosts sharing the store (id, state, last seen,
+    /// running turns, version); on SQLite, this host alone (`local`).
+    Hosts,
     /// Turn history.
     Turns(TurnsArgs),
     /// Events, oldest first.
@@ -116,6 +119,7 @@ impl Command {
             | Command::Serve(_)
             | Command::Sweep(_)
             | Command::Web(_)
+            | Command::Hosts
             | Command::Store(_)
             | Command::Doctor
             | Command::Completions { .. }
@@ -156,6 +160,11 @@ pub struct AgentAddArgs {
     /// Reset a completed or zombie agent to booting, keeping what is not given.
     #[arg(long)]
     pub recover: bool,
+    /// Fleet mode: the host whose disk holds the worktree (default: this
+    /// host), or '*' for a floating agent any host may run. Refused on the
+    /// SQLite store, which is one host.
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
     /// Set from `--command PROG [ARG...]`, which must come last: it takes
     /// every remaining argument (see [`split_command`]).
     #[arg(skip)]
@@ -356,6 +365,7 @@ impl From<AgentAddArgs> for crate::ops::AddRequest {
             model: a.model,
             recover: a.recover,
             command: a.command,
+            host: a.host,
         }
     }
 }

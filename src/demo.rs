@@ -54,6 +54,7 @@ pub async fn run(json: bool) -> Result<i32> {
                 model: None,
                 recover: false,
                 command: Some(args),
+                host: None,
             },
         )?;
         if !json {

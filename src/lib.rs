@@ -17,6 +17,7 @@ pub mod error;
 pub mod fake_agent;
 pub mod fault;
 pub mod fleet;
+pub mod hosts;
 pub mod lease;
 pub mod mail;
 pub mod manual;

@@ -78,12 +78,18 @@ pub struct AddRequest {
     pub model: Option<String>,
     pub recover: bool,
     pub command: Option<Vec<String>>,
+    /// Fleet mode: `--host H` or `*` (default: this host for a new agent,
+    /// the agent's own with `--recover`).
+    pub host: Option<String>,
 }
 
 pub fn agent_add(ctx: &Ctx, req: AddRequest) -> Result<Session> {
     check_name(&req.name)?;
     if let Some(p) = &req.parent {
         check_name(p)?;
+    }
+    if let Some(h) = &req.host {
+        crate::hosts::check_host_flag(ctx, h)?;
     }
     // `--recover` keeps what it is not told to change: capability, runtime
     // and command, worktree, task (parent, model and session id as well).
@@ -146,7 +152,7 @@ pub fn agent_add(ctx: &Ctx, req: AddRequest) -> Result<Session> {
             worktree.display()
         )));
     }
-    let store = ctx.store()?;
+    let mut store = ctx.store()?;
     let depth = match &req.parent {
         Some(p) => sessions::get(&store.conn, p)?
             .map(|s| s.depth + 1)
@@ -169,29 +175,42 @@ pub fn agent_add(ctx: &Ctx, req: AddRequest) -> Result<Session> {
         model: req.model.clone(),
         now: clock::now(),
     };
-    match sessions::get(&store.conn, &req.name)? {
-        None if req.recover => {
-            return Err(usage(format!(
-                "agent {} does not exist; add it without --recover",
-                req.name
-            )));
-        }
-        None => sessions::insert(&store.conn, &ns)?,
-        Some(existing) if !req.recover => {
-            return Err(usage(format!(
-                "agent {} already exists (state {}); pick another name, or --recover a completed or zombie agent",
-                existing.agent_name, existing.state
-            )));
-        }
-        Some(existing) => {
-            if !sessions::recover(&store.conn, &ns)? {
-                return Err(usage(format!(
-                    "agent {} is {}: only a completed or zombie agent can be recovered",
+    // The row and its host in one transaction: a new agent is never seen
+    // unpinned. `--recover` keeps the agent's host unless `--host` is given.
+    let host = match (&req.host, req.recover) {
+        (Some(h), _) => Some(h.clone()),
+        (None, false) if store.conn.is_pg() => Some(ctx.config.host_id.clone()),
+        (None, _) => None,
+    };
+    store.tx("registering the agent", |tx| {
+        match sessions::get(tx, &req.name)? {
+            None if req.recover => {
+                return Ok(Err(usage(format!(
+                    "agent {} does not exist; add it without --recover",
+                    req.name
+                ))));
+            }
+            None => sessions::insert(tx, &ns)?,
+            Some(existing) if !req.recover => {
+                return Ok(Err(usage(format!(
+                    "agent {} already exists (state {}); pick another name, or --recover a completed or zombie agent",
                     existing.agent_name, existing.state
-                )));
+                ))));
+            }
+            Some(existing) => {
+                if !sessions::recover(tx, &ns)? {
+                    return Ok(Err(usage(format!(
+                        "agent {} is {}: only a completed or zombie agent can be recovered",
+                        existing.agent_name, existing.state
+                    ))));
+                }
             }
         }
-    }
+        if let Some(h) = &host {
+            crate::store::hosts::set_agent_host(tx, &req.name, h)?;
+        }
+        Ok(Ok(()))
+    })??;
     sessions::get(&store.conn, &req.name)?
         .ok_or_else(|| crate::error::Error::Internal("agent vanished".into()))
 }
@@ -205,6 +224,9 @@ pub struct AgentView {
     pub pending_mail: i64,
     pub last_turn: Option<TurnRow>,
     pub cost_usd: f64,
+    /// Fleet mode: the agent's host (`*` when floating); absent on SQLite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 pub fn agent_show(ctx: &Ctx, name: &str) -> Result<AgentView> {
@@ -212,10 +234,23 @@ pub fn agent_show(ctx: &Ctx, name: &str) -> Result<AgentView> {
     let store = ctx.store()?;
     let s = sessions::get(&store.conn, name)?
         .ok_or_else(|| usage(format!("unknown agent '{name}'; see runner status")))?;
-    view(ctx, &store, s)
+    let host = if store.conn.is_pg() {
+        Some(
+            crate::store::hosts::agent_host(&store.conn, name)?
+                .unwrap_or_else(|| crate::hosts::ANY.into()),
+        )
+    } else {
+        None
+    };
+    view(ctx, &store, s, host)
 }
 
-fn view(ctx: &Ctx, store: &crate::store::Store, s: Session) -> Result<AgentView> {
+fn view(
+    ctx: &Ctx,
+    store: &crate::store::Store,
+    s: Session,
+    host: Option<String>,
+) -> Result<AgentView> {
     let lock = ctx.root.lock_path(&s.agent_name);
     let running = if lease::is_held(&lock) {
         Some(lease::read_info(&lock).unwrap_or_default())
@@ -231,6 +266,7 @@ fn view(ctx: &Ctx, store: &crate::store::Store, s: Session) -> Result<AgentView>
         pending_mail: pending,
         last_turn: turns::last_finished(&store.conn, &s.agent_name)?,
         cost_usd: turns::total_cost(&store.conn, &s.agent_name)?,
+        host,
         session: s,
     })
 }
@@ -247,7 +283,17 @@ pub fn status(ctx: &Ctx, agent: Option<&str>) -> Result<Vec<AgentView>> {
         }
         None => sessions::list(&store.conn)?,
     };
-    list.into_iter().map(|s| view(ctx, &store, s)).collect()
+    let hosts = crate::hosts::agent_hosts(ctx)?;
+    list.into_iter()
+        .map(|s| {
+            let host = hosts.as_ref().map(|h| {
+                h.get(&s.agent_name)
+                    .cloned()
+                    .unwrap_or_else(|| crate::hosts::ANY.into())
+            });
+            view(ctx, &store, s, host)
+        })
+        .collect()
 }
 
 pub struct SendRequest {
@@ -333,6 +379,24 @@ pub fn mail_list(ctx: &Ctx, f: ListFilter) -> Result<Vec<Message>> {
     }
     let store = ctx.store()?;
     Ok(mailstore::list(&store.conn, &f)?)
+}
+
+/// `mail list` with, in fleet mode, each message's host: its recipient's
+/// (where it will be delivered; `*` for a floating or unknown agent).
+pub fn mail_list_hosts(ctx: &Ctx, f: ListFilter) -> Result<Vec<crate::report::MailRow>> {
+    let rows = mail_list(ctx, f)?;
+    let hosts = crate::hosts::agent_hosts(ctx)?;
+    Ok(rows
+        .into_iter()
+        .map(|m| crate::report::MailRow {
+            host: hosts.as_ref().map(|h| {
+                h.get(&m.to_agent)
+                    .cloned()
+                    .unwrap_or_else(|| crate::hosts::ANY.into())
+            }),
+            message: m,
+        })
+        .collect())
 }
 
 pub fn mail_check(ctx: &Ctx, agent: &str) -> Result<Vec<Message>> {

@@ -61,10 +61,10 @@ pub struct Sent {
 #[serde(transparent)]
 pub struct StatusTable(pub Vec<AgentView>);
 
-/// `runner turns`.
+/// `runner turns`; the flag: show the host column (fleet mode).
 #[derive(Debug, Serialize)]
 #[serde(transparent)]
-pub struct TurnList(pub Vec<TurnRow>);
+pub struct TurnList(pub Vec<TurnRow>, #[serde(skip)] pub bool);
 
 /// `runner events` (without `--follow`).
 #[derive(Debug, Serialize)]
@@ -74,7 +74,16 @@ pub struct EventList(pub Vec<StoredEvent>);
 /// `runner mail list`.
 #[derive(Debug, Serialize)]
 #[serde(transparent)]
-pub struct MailList(pub Vec<Message>);
+pub struct MailList(pub Vec<MailRow>);
+
+/// A message of `mail list`, with its recipient's host in fleet mode.
+#[derive(Debug, Serialize)]
+pub struct MailRow {
+    #[serde(flatten)]
+    pub message: Message,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
 
 /// `runner mail check`: the messages in full.
 #[derive(Debug, Serialize)]
@@ -126,7 +135,13 @@ impl Render for StatusTable {
 
 impl Render for TurnList {
     fn human(&self) {
-        turns(&self.0)
+        turns(&self.0, self.1)
+    }
+}
+
+impl Render for crate::hosts::HostList {
+    fn human(&self) {
+        hosts(&self.0)
     }
 }
 
@@ -138,7 +153,7 @@ impl Render for EventList {
 
 impl Render for MailList {
     fn human(&self) {
-        mail(&self.0)
+        mail_rows(&self.0)
     }
 }
 
@@ -254,10 +269,24 @@ fn age(ts: &str) -> String {
 
 pub fn status(rows: &[AgentView]) {
     let mut out = std::io::stdout().lock();
+    // Fleet mode: the agent's host, last (SQLite output is unchanged).
+    let fleet = rows.iter().any(|v| v.host.is_some());
+    let host_col = |h: Option<&str>| match (fleet, h) {
+        (true, h) => format!(" {}", h.unwrap_or("*")),
+        (false, _) => String::new(),
+    };
     let _ = writeln!(
         out,
-        "{:<16} {:<10} {:<13} {:<12} {:<28} {:>4} {:<14} {:>8}",
-        "AGENT", "CAPABILITY", "STATE", "PARENT", "RUNNING TURN", "DUE", "LAST OUTCOME", "COST"
+        "{:<16} {:<10} {:<13} {:<12} {:<28} {:>4} {:<14} {:>8}{}",
+        "AGENT",
+        "CAPABILITY",
+        "STATE",
+        "PARENT",
+        "RUNNING TURN",
+        "DUE",
+        "LAST OUTCOME",
+        "COST",
+        host_col(Some("HOST"))
     );
     for v in rows {
         let s = &v.session;
@@ -277,7 +306,7 @@ pub fn status(rows: &[AgentView]) {
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<16} {:<10} {:<13} {:<12} {:<28} {:>4} {:<14} {:>8}",
+            "{:<16} {:<10} {:<13} {:<12} {:<28} {:>4} {:<14} {:>8}{}",
             s.agent_name,
             s.capability,
             s.state,
@@ -285,7 +314,8 @@ pub fn status(rows: &[AgentView]) {
             running,
             v.due_mail,
             last,
-            format!("${:.4}", v.cost_usd)
+            format!("${:.4}", v.cost_usd),
+            host_col(v.host.as_deref())
         );
         if let Some(t) = &v.last_turn
             && matches!(
@@ -330,6 +360,9 @@ fn agent(v: &AgentView) {
     }
     kv(&mut out, "model", s.model.as_deref().unwrap_or("-"));
     kv(&mut out, "worktree", &s.worktree_path);
+    if let Some(h) = &v.host {
+        kv(&mut out, "host", h);
+    }
     kv(
         &mut out,
         "session id",
@@ -365,19 +398,35 @@ fn agent(v: &AgentView) {
     }
 }
 
-fn turns(rows: &[TurnRow]) {
+/// `with_host`: fleet mode's host column after the agent.
+fn turns(rows: &[TurnRow], with_host: bool) {
     let mut out = std::io::stdout().lock();
+    let host_col = |h: Option<&str>| {
+        if with_host {
+            format!(" {:<16}", h.unwrap_or("-"))
+        } else {
+            String::new()
+        }
+    };
     let _ = writeln!(
         out,
-        "{:<30} {:<14} {:<13} {:>5} {:>7} {:>6} {:>5}  REASON",
-        "TURN", "AGENT", "OUTCOME", "EXIT", "LINES", "EVENTS", "MAIL"
+        "{:<30} {:<14}{} {:<13} {:>5} {:>7} {:>6} {:>5}  REASON",
+        "TURN",
+        "AGENT",
+        host_col(Some("HOST")),
+        "OUTCOME",
+        "EXIT",
+        "LINES",
+        "EVENTS",
+        "MAIL"
     );
     for t in rows {
         let _ = writeln!(
             out,
-            "{:<30} {:<14} {:<13} {:>5} {:>7} {:>6} {:>5}  {}",
+            "{:<30} {:<14}{} {:<13} {:>5} {:>7} {:>6} {:>5}  {}",
             t.turn_id,
             t.agent_name,
+            host_col(t.host.as_deref()),
             t.outcome.as_deref().unwrap_or("(running)"),
             t.exit_code
                 .map(|c| c.to_string())
@@ -420,21 +469,73 @@ fn events(rows: &[StoredEvent]) {
 pub fn mail(rows: &[Message]) {
     let mut out = std::io::stdout().lock();
     for m in rows {
-        let _ = writeln!(
-            out,
-            "{} {:<9} {:<12} → {:<12} {:<13} {:<6} tries {} {}",
-            m.id,
-            m.status(),
-            m.from_agent,
-            m.to_agent,
-            m.kind,
-            m.priority,
-            m.tries,
-            m.subject
-        );
+        let _ = writeln!(out, "{}", mail_line(m, None));
     }
     if rows.is_empty() {
         let _ = writeln!(out, "(no mail)");
+    }
+}
+
+/// One message; in fleet mode the recipient is followed by `@host`.
+fn mail_line(m: &Message, host: Option<&str>) -> String {
+    let to = match host {
+        Some(h) => format!("{}@{h}", m.to_agent),
+        None => m.to_agent.clone(),
+    };
+    format!(
+        "{} {:<9} {:<12} → {:<12} {:<13} {:<6} tries {} {}",
+        m.id,
+        m.status(),
+        m.from_agent,
+        to,
+        m.kind,
+        m.priority,
+        m.tries,
+        m.subject
+    )
+}
+
+fn mail_rows(rows: &[MailRow]) {
+    let mut out = std::io::stdout().lock();
+    for r in rows {
+        let _ = writeln!(out, "{}", mail_line(&r.message, r.host.as_deref()));
+    }
+    if rows.is_empty() {
+        let _ = writeln!(out, "(no mail)");
+    }
+}
+
+/// `runner hosts`: last seen by the database's clock.
+fn hosts(rows: &[crate::store::hosts::HostRow]) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<24} {:<8} {:<38} {:>7}  VERSION",
+        "HOST", "STATE", "LAST SEEN", "RUNNING"
+    );
+    for h in rows {
+        let seen = format!(
+            "{} ({} ago)",
+            h.last_seen_at,
+            clock::human_duration(std::time::Duration::from_millis(
+                h.last_seen_ms_ago.max(0) as u64
+            ))
+        );
+        let _ = writeln!(
+            out,
+            "{:<24} {:<8} {:<38} {:>7}  {}",
+            h.id,
+            h.state,
+            seen,
+            h.running_turns,
+            h.version.as_deref().unwrap_or("-")
+        );
+    }
+    if rows.is_empty() {
+        let _ = writeln!(
+            out,
+            "(no hosts yet: a host registers when it runs serve, turn, nudge or sweep)"
+        );
     }
 }
 

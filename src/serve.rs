@@ -224,6 +224,10 @@ fn schedule(
         if s.state().is_some_and(State::is_finished) {
             continue;
         }
+        // Fleet mode: only this host's own and floating agents (SPEC §12.2).
+        if !crate::hosts::runs_here(ctx, &store.conn, &agent)? {
+            continue;
+        }
         if lease::is_held(&ctx.root.lock_path(&agent)) {
             opts.counters.lease_waits.inc();
             continue;

@@ -358,7 +358,11 @@ pub fn sweep(ctx: &Ctx, dry_run: bool) -> Result<Report> {
         dry_run,
         ..Default::default()
     };
-    if !dry_run {
+    if !dry_run && store.conn.is_pg() {
+        // Fleet mode (SPEC §12.5): any host repairs expired leases and marks
+        // silent hosts offline, by the database's clock.
+        rep.hosts_offline +=
+            crate::store::hosts::mark_offline_stale(&store.conn, ctx.config.fleet.host_stale)?;
         let r = crate::fleet::repair_expired(ctx, &mut store)?;
         rep.leases_expired += r.leases_expired;
         rep.orphan_turns += r.orphan_turns;
@@ -367,7 +371,21 @@ pub fn sweep(ctx: &Ctx, dry_run: bool) -> Result<Report> {
         rep.states_fixed += r.states_fixed;
     }
     let now_t = SystemTime::now();
-    let all = sessions::list(&store.conn)?;
+    let mut all = sessions::list(&store.conn)?;
+    if store.conn.is_pg() {
+        // Each host sweeps its own and floating agents: only it can signal
+        // their processes and read their logs.
+        let pins: std::collections::HashMap<String, Option<String>> =
+            crate::store::hosts::agent_hosts(&store.conn)?
+                .into_iter()
+                .collect();
+        all.retain(|s| {
+            crate::hosts::allows(
+                pins.get(&s.agent_name).cloned().flatten().as_deref(),
+                &ctx.config.host_id,
+            )
+        });
+    }
     let mut candidates: Vec<Session> = all
         .into_iter()
         .filter(|s| {

@@ -15,6 +15,7 @@ pub mod db;
 pub mod events;
 pub mod follow;
 pub mod health;
+pub mod hosts;
 pub mod leases;
 pub mod mail;
 pub mod metrics;

@@ -40,6 +40,9 @@ pub struct TurnRow {
     pub leaked: bool,
     /// Bytes of stderr dropped between the head and the tail of `stderr.log`.
     pub stderr_dropped_bytes: Option<i64>,
+    /// The host that ran the turn (PostgreSQL only; absent on SQLite).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 const COLS: &str = "turn_id, agent_name, started_at, ended_at, runner_pid, agent_pid, initial_state, \
@@ -80,24 +83,44 @@ fn from_row(r: &Row<'_>) -> DbResult<TurnRow> {
         stderr_tail: r.get(27)?,
         leaked: r.get::<i64>(28)? != 0,
         stderr_dropped_bytes: r.get(29)?,
+        host: if r.len() > 30 { r.get(30)? } else { None },
     })
 }
 
+/// The columns read: [`COLS`], and `host` on PostgreSQL (SQLite has none).
+fn cols(conn: &Db) -> String {
+    if conn.is_pg() {
+        format!("{COLS}, host")
+    } else {
+        COLS.to_string()
+    }
+}
+
+/// Records a turn's start. On PostgreSQL the row also names its host:
+/// `t.host`, else this process's host (`hosts::process_host`).
 pub fn insert_start(conn: &Db, t: &TurnRow) -> Result<()> {
-    conn.execute(
+    let host = t.host.clone().or_else(super::hosts::process_host);
+    let sql = if conn.is_pg() {
+        "INSERT INTO turns (turn_id, agent_name, started_at, runner_pid, initial_state, resume_requested, mail_ids, host) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    } else {
         "INSERT INTO turns (turn_id, agent_name, started_at, runner_pid, initial_state, resume_requested, mail_ids) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            t.turn_id,
-            t.agent_name,
-            t.started_at,
-            t.runner_pid,
-            t.initial_state,
-            t.resume_requested,
-            serde_json::to_string(&t.mail_ids).unwrap_or_else(|_| "[]".into())
-        ],
-    )
-    .ctx("recording the turn start")?;
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    };
+    let json_ids = serde_json::to_string(&t.mail_ids).unwrap_or_else(|_| "[]".into());
+    let all = params![
+        t.turn_id,
+        t.agent_name,
+        t.started_at,
+        t.runner_pid,
+        t.initial_state,
+        t.resume_requested,
+        json_ids,
+        host
+    ];
+    let n = if conn.is_pg() { 8 } else { 7 };
+    conn.execute(sql, &all[..n])
+        .ctx("recording the turn start")?;
     Ok(())
 }
 
@@ -154,7 +177,7 @@ pub fn finish(conn: &Db, t: &TurnRow) -> Result<bool> {
 
 pub fn get(conn: &Db, turn_id: &str) -> Result<Option<TurnRow>> {
     conn.query_opt(
-        &format!("SELECT {COLS} FROM turns WHERE turn_id=?1"),
+        &format!("SELECT {} FROM turns WHERE turn_id=?1", cols(conn)),
         params![turn_id],
         from_row,
     )
@@ -165,7 +188,8 @@ pub fn get(conn: &Db, turn_id: &str) -> Result<Option<TurnRow>> {
 pub fn unfinished(conn: &Db, agent: &str) -> Result<Vec<TurnRow>> {
     conn.query_map(
         &format!(
-            "SELECT {COLS} FROM turns WHERE agent_name=?1 AND ended_at IS NULL ORDER BY turn_id"
+            "SELECT {} FROM turns WHERE agent_name=?1 AND ended_at IS NULL ORDER BY turn_id",
+            cols(conn)
         ),
         params![agent],
         from_row,
@@ -177,7 +201,8 @@ pub fn unfinished(conn: &Db, agent: &str) -> Result<Vec<TurnRow>> {
 pub fn list(conn: &Db, agent: Option<&str>, limit: i64) -> Result<Vec<TurnRow>> {
     conn.query_map(
         &format!(
-            "SELECT {COLS} FROM turns WHERE (CAST(?1 AS TEXT) IS NULL OR agent_name=?1) ORDER BY turn_id DESC LIMIT ?2"
+            "SELECT {} FROM turns WHERE (CAST(?1 AS TEXT) IS NULL OR agent_name=?1) ORDER BY turn_id DESC LIMIT ?2",
+            cols(conn)
         ),
         params![agent, limit],
         from_row,
@@ -189,7 +214,8 @@ pub fn list(conn: &Db, agent: Option<&str>, limit: i64) -> Result<Vec<TurnRow>> 
 pub fn last_finished(conn: &Db, agent: &str) -> Result<Option<TurnRow>> {
     conn.query_opt(
         &format!(
-            "SELECT {COLS} FROM turns WHERE agent_name=?1 AND ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1"
+            "SELECT {} FROM turns WHERE agent_name=?1 AND ended_at IS NOT NULL ORDER BY turn_id DESC LIMIT 1",
+            cols(conn)
         ),
         params![agent],
         from_row,

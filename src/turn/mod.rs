@@ -118,6 +118,7 @@ pub fn load_runnable(
             "unknown agent '{agent}'; register it first: runner agent add {agent} --capability builder"
         ))
     })?;
+    crate::hosts::check_pinned(ctx, store, agent)?; // SPEC §12.2: before the state
     refuse_finished(&s)?;
     let cap = capability::load(&ctx.root.dir, &s.capability)?;
     Ok((s, cap))

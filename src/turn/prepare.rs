@@ -148,7 +148,11 @@ pub async fn prepare(
     };
     // 4. Claim, build the user turn, record the start.
     let runtime = runtime::for_session(&session).map_err(usage)?;
-    let row = start_row(&session, turn_id);
+    let row = start_row(
+        &session,
+        turn_id,
+        store.conn.is_pg().then(|| ctx.config.host_id.clone()),
+    );
     let Some((claimed, baseline)) = claim_and_insert(&mut store, req, &row)? else {
         return Ok(Prepared::Early(Box::new(TurnSummary::nothing(agent))));
     };
@@ -200,9 +204,10 @@ fn nothing_to_deliver(store: &Store, req: &TurnRequest) -> Result<bool> {
 }
 
 /// The turn row as it starts.
-fn start_row(session: &Session, turn_id: String) -> TurnRow {
+fn start_row(session: &Session, turn_id: String, host: Option<String>) -> TurnRow {
     TurnRow {
         turn_id,
+        host,
         agent_name: session.agent_name.clone(),
         started_at: clock::now(),
         runner_pid: Some(std::process::id() as i64),

@@ -32,6 +32,25 @@ fn fleet() -> Option<TestRoot> {
     Some(a)
 }
 
+/// Registers `name` on host `h` (pinned to `h`, or floating with
+/// `host = "*"`), its CLI the fake agent with `fake` options.
+fn add_agent(h: &TestRoot, name: &str, host: Option<&str>, fake: &[&str]) {
+    let worktree = h.path().display().to_string();
+    let mut args = vec!["agent", "add", name, "--capability", "builder"];
+    if let Some(host) = host {
+        args.extend(["--host", host]);
+    }
+    args.extend([
+        "--worktree",
+        &worktree,
+        "--command",
+        crate::BIN,
+        "fake-agent",
+    ]);
+    args.extend(fake);
+    h.run(args).status(0);
+}
+
 fn alive(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -285,7 +304,7 @@ fn mail_sent_from_a_fenced_turn_is_refused_with_75() {
 fn a_live_lease_on_another_host_makes_the_agent_busy_naming_that_host() {
     let Some(a) = fleet() else { return };
     let b = a.fleet_host("host-b");
-    a.agent("w", "builder", None, &["--lines", "600", "--rate", "20"]);
+    add_agent(&a, "w", Some("*"), &["--lines", "600", "--rate", "20"]);
     a.mail("lead", "w", "work");
     let (runner, _) = start_long_turn(&a, &a, "w");
     b.run(["turn", "--agent", "w", "--message", "hi", "--wait", "300ms"])
@@ -298,4 +317,151 @@ fn a_live_lease_on_another_host_makes_the_agent_busy_naming_that_host() {
         0,
         "released at the end"
     );
+}
+
+#[test]
+fn a_turn_on_another_host_takes_over_an_expired_lease_at_once_and_repairs_it() {
+    let Some(a) = fleet() else { return };
+    let b = a.fleet_host("host-b");
+    add_agent(&a, "w", Some("*"), &["--lines", "600", "--rate", "20"]);
+    let id = a.mail("lead", "w", "work");
+    let (mut runner, old_turn) = start_long_turn(&a, &a, "w");
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    // No sweep ran: host b's turn waits for the lease to expire (lease_ttl,
+    // not grace), takes it over and repairs what host a left, then runs.
+    b.run([
+        "turn",
+        "--agent",
+        "w",
+        "--message",
+        "go on",
+        "--wait",
+        "20s",
+    ])
+    .status(0);
+    let (outcome, reason): (Option<String>, Option<String>) = a
+        .db("sessions.db")
+        .query_row(
+            "SELECT outcome, reason FROM turns WHERE turn_id=?1",
+            params![old_turn],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome.as_deref(), Some("failed"));
+    assert!(reason.unwrap().starts_with("host host-a silent since "));
+    assert_eq!(
+        a.mail_state(&id),
+        (0, 1, None),
+        "released with one retry bump"
+    );
+    assert_eq!(
+        a.str(
+            "sessions.db",
+            "SELECT host FROM turns WHERE ended_at IS NOT NULL ORDER BY started_at DESC LIMIT 1"
+        )
+        .as_deref(),
+        Some("host-b")
+    );
+    assert_eq!(a.i64("sessions.db", "SELECT COUNT(*) FROM leases"), 0);
+    // The fleet sweep finds nothing left to repair.
+    assert_eq!(sweep(&b)["leases_expired"], 0);
+    sweep(&a);
+}
+
+#[test]
+fn serve_on_three_hosts_drains_a_mixed_fleet_exactly_once_without_overlap() {
+    let Some(a) = fleet() else { return };
+    let hosts: Vec<TestRoot> = ["h1", "h2", "h3"].iter().map(|h| a.fleet_host(h)).collect();
+    let mut agents: Vec<(String, Option<&str>)> = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        for j in 0..2 {
+            let name = format!("p{i}{j}");
+            add_agent(h, &name, None, &["--lines", "2"]);
+            agents.push((name, Some(["h1", "h2", "h3"][i])));
+        }
+    }
+    for j in 0..4 {
+        let name = format!("f{j}");
+        add_agent(&hosts[j % 3], &name, Some("*"), &["--lines", "2"]);
+        agents.push((name, None));
+    }
+    let mut ids = Vec::new();
+    for round in 0..4 {
+        for (name, _) in &agents {
+            ids.push(a.mail("lead", name, &format!("task {round}")));
+        }
+    }
+    let serves: Vec<_> = hosts
+        .iter()
+        .map(|h| {
+            h.spawn([
+                "serve",
+                "--poll",
+                "100ms",
+                "--sweep-every",
+                "1h",
+                "--grace",
+                "300ms",
+            ])
+        })
+        .collect();
+    wait_for(Duration::from_secs(120), "every message delivered", || {
+        a.i64(
+            "mail.db",
+            "SELECT COUNT(*) FROM messages WHERE to_agent <> 'lead' AND read = 0",
+        ) == 0
+    });
+    for s in &serves {
+        signal(s.id(), Signal::SIGTERM);
+    }
+    for s in serves {
+        assert_eq!(
+            wait_child(s, Duration::from_secs(30)).status.code(),
+            Some(0)
+        );
+    }
+    // Every message delivered by exactly one turn.
+    let turns: Vec<(String, String, String, String, Option<String>)> = a
+        .db("sessions.db")
+        .query_map(
+            "SELECT agent_name, started_at, COALESCE(ended_at, ''), mail_ids, host FROM turns ORDER BY agent_name, started_at",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .unwrap();
+    let mut delivered: std::collections::HashMap<String, usize> = Default::default();
+    for (agent, _, ended, mail_ids, host) in &turns {
+        assert!(!ended.is_empty(), "every turn finished: {agent}");
+        let list: Vec<String> = serde_json::from_str(mail_ids).unwrap();
+        for id in list {
+            *delivered.entry(id).or_default() += 1;
+        }
+        // Pinned agents ran only on their host.
+        let pin = agents.iter().find(|(n, _)| n == agent).unwrap().1;
+        if let Some(pin) = pin {
+            assert_eq!(host.as_deref(), Some(pin), "{agent} ran off its host");
+        }
+    }
+    for id in &ids {
+        assert_eq!(delivered.get(id), Some(&1), "message {id} delivered once");
+    }
+    assert_eq!(
+        a.i64(
+            "mail.db",
+            "SELECT COUNT(*) FROM messages WHERE read = 1 AND to_agent <> 'lead'"
+        ),
+        ids.len() as i64
+    );
+    // No two turns of one agent overlap.
+    for w in turns.windows(2) {
+        if w[0].0 == w[1].0 {
+            assert!(w[0].2 <= w[1].1, "overlapping turns of {}: {w:?}", w[0].0);
+        }
+    }
+    // Floating agents ran somewhere, and more than one host did work.
+    let busy_hosts: std::collections::HashSet<_> =
+        turns.iter().filter_map(|t| t.4.clone()).collect();
+    assert!(busy_hosts.len() >= 2, "{busy_hosts:?}");
+    assert_eq!(a.i64("sessions.db", "SELECT COUNT(*) FROM leases"), 0);
 }

@@ -4,6 +4,7 @@
 
 mod ending;
 mod fleet;
+mod fleet_hosts;
 mod fleet_mail;
 mod foundation;
 mod http;
