@@ -133,7 +133,9 @@ pub async fn run(root: &Path) -> Report {
         let config = check_config(&mut c, root);
         let stores_ok = match &config.store {
             Backend::Sqlite => check_stores(&mut c, root),
-            Backend::Postgres { url, schema } => check_pg_store(&mut c, url, schema),
+            Backend::Postgres { url, schema } => {
+                check_pg_store(&mut c, url, schema, config.fleet.grace)
+            }
         };
         check_capabilities(&mut c, root);
         let config_is_sqlite = config.store == Backend::Sqlite;
@@ -317,41 +319,66 @@ fn check_stores(c: &mut Checks, root: &Path) -> bool {
 /// A PostgreSQL store (SPEC §12): the server answers, the schema is
 /// runner's and current, and this host's clock agrees with the database's
 /// (expiries are judged by the database's clock; warn past 2 s). Reads only.
-fn check_pg_store(c: &mut Checks, url: &str, schema: &str) -> bool {
+/// The fleet as the database sees it: hosts offline, leases expired past
+/// `grace` (the sweep's to repair).
+struct FleetFacts {
+    hosts: i64,
+    offline: i64,
+    overdue: i64,
+}
+
+fn check_pg_store(c: &mut Checks, url: &str, schema: &str, grace: Duration) -> bool {
     let shown = pg::redact(url);
     let name = format!("store {shown} schema {schema}");
-    let looked = off_runtime(|| -> Result<(Option<i64>, f64), String> {
-        let mut client = pg::connect(url, schema).map_err(|e| e.to_string())?;
-        let ours: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM information_schema.tables
+    let looked = off_runtime(
+        || -> Result<(Option<i64>, f64, Option<FleetFacts>), String> {
+            let mut client = pg::connect(url, schema).map_err(|e| e.to_string())?;
+            let ours: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM information_schema.tables
                                 WHERE table_schema = $1 AND table_name = 'runner_meta')",
-                &[&schema],
-            )
-            .map_err(|e| pg::error_detail(&e))?
-            .get(0);
-        let version = if ours {
-            client
-                .query_opt(
-                    "SELECT value FROM runner_meta WHERE key = 'schema_version'",
-                    &[],
+                    &[&schema],
                 )
                 .map_err(|e| pg::error_detail(&e))?
-                .and_then(|r| r.get::<_, String>(0).parse().ok())
-        } else {
-            None
-        };
-        let db_now: f64 = client
-            .query_one("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8", &[])
-            .map_err(|e| pg::error_detail(&e))?
-            .get(0);
-        let here = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        Ok((version, here - db_now))
-    });
-    let (version, skew) = match looked {
+                .get(0);
+            let version = if ours {
+                client
+                    .query_opt(
+                        "SELECT value FROM runner_meta WHERE key = 'schema_version'",
+                        &[],
+                    )
+                    .map_err(|e| pg::error_detail(&e))?
+                    .and_then(|r| r.get::<_, String>(0).parse().ok())
+            } else {
+                None
+            };
+            let db_now: f64 = client
+                .query_one("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8", &[])
+                .map_err(|e| pg::error_detail(&e))?
+                .get(0);
+            let here = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            let fleet = if version == Some(pg::schema::SCHEMA_VERSION) {
+                let r = client
+                .query_one(
+                    "SELECT (SELECT COUNT(*) FROM hosts),                             (SELECT COUNT(*) FROM hosts WHERE state = 'offline'),                             (SELECT COUNT(*) FROM leases WHERE expires_at < now() - $1::bigint * interval '1 millisecond')",
+                    &[&(grace.as_millis() as i64)],
+                )
+                .map_err(|e| pg::error_detail(&e))?;
+                Some(FleetFacts {
+                    hosts: r.get(0),
+                    offline: r.get(1),
+                    overdue: r.get(2),
+                })
+            } else {
+                None
+            };
+            Ok((version, here - db_now, fleet))
+        },
+    );
+    let (version, skew, fleet) = match looked {
         Ok(x) => x,
         Err(e) => {
             c.fail(
@@ -398,6 +425,26 @@ fn check_pg_store(c: &mut Checks, url: &str, schema: &str) -> bool {
             false
         }
     };
+    if let Some(f) = fleet {
+        if f.overdue > 0 {
+            c.warn(
+                "fleet",
+                format!(
+                    "{} lease(s) expired past grace, {} of {} host(s) offline",
+                    f.overdue, f.offline, f.hosts
+                ),
+                "run `runner sweep` on any host (serve sweeps on its own)".into(),
+            );
+        } else {
+            c.ok(
+                "fleet",
+                format!(
+                    "{} host(s), {} offline; no lease waits for repair",
+                    f.hosts, f.offline
+                ),
+            );
+        }
+    }
     if skew.abs() > 2.0 {
         c.warn(
             "clock",

@@ -261,6 +261,11 @@ fn racing_sweeps_over_one_expired_lease_bump_the_retry_once() {
         ) == 1
         },
     );
+    assert_eq!(
+        fleet_check(&a)["level"],
+        "warn",
+        "doctor sees the overdue lease"
+    );
     let sweeps: Vec<_> = hosts.iter().map(|h| h.spawn(["sweep", "--json"])).collect();
     let mut expired = 0;
     for s in sweeps {
@@ -271,8 +276,21 @@ fn racing_sweeps_over_one_expired_lease_bump_the_retry_once() {
     }
     assert_eq!(expired, 1, "one repair across the fleet");
     assert_eq!(a.mail_state(&id), (0, 1, None), "one retry bump");
+    assert_eq!(fleet_check(&a)["level"], "ok");
     // The host's own sweep ends its agent.
     sweep(&a);
+}
+
+/// `runner doctor`'s fleet check, as JSON.
+fn fleet_check(h: &TestRoot) -> serde_json::Value {
+    let r = h.run(["doctor", "--json"]);
+    r.json()["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "fleet")
+        .unwrap_or_else(|| panic!("no fleet check: {}", r.stdout()))
+        .clone()
 }
 
 #[test]
