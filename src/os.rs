@@ -40,8 +40,14 @@ pub fn proc_stat(pid: i32) -> Option<ProcStat> {
     if pid <= 0 {
         return None;
     }
+    // A turn's end scans every process of the host: no allocation per pid.
+    let mut path = [0u8; 32];
+    let mut w = &mut path[..];
+    std::io::Write::write_fmt(&mut w, format_args!("/proc/{pid}/stat")).ok()?;
+    let len = 32 - w.len();
+    let path = std::str::from_utf8(&path[..len]).ok()?;
     let mut buf = [0u8; 1024];
-    let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = std::fs::File::open(path).ok()?;
     let n = f.read(&mut buf).ok()?;
     parse_stat(pid, &buf[..n])
 }
@@ -49,17 +55,31 @@ pub fn proc_stat(pid: i32) -> Option<ProcStat> {
 fn parse_stat(pid: i32, raw: &[u8]) -> Option<ProcStat> {
     // The command name is in parentheses and may itself hold spaces or ')'.
     let close = raw.iter().rposition(|&b| b == b')')?;
-    let rest = std::str::from_utf8(raw.get(close + 2..)?).ok()?;
-    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
-    // rest starts at field 3 (state): index 0 = field 3.
+    let rest = raw.get(close + 2..)?;
+    // rest starts at field 3 (state): index 0 = field 3. Only fields 3-6 and
+    // 22 are read, so the walk stops at 22 (no Vec of the 50 fields). The
+    // kernel writes ASCII here: bytes past field 22 are not checked for UTF-8.
+    let mut f = rest
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty());
+    let state = std::str::from_utf8(f.next()?).ok()?.chars().next()?;
+    let ppid = num(f.next()?)?;
+    let pgrp = num(f.next()?)?;
+    let session = num(f.next()?)?;
+    let start_time = num(f.nth(15)?)?;
     Some(ProcStat {
         pid,
-        state: f.first()?.chars().next()?,
-        ppid: f.get(1)?.parse().ok()?,
-        pgrp: f.get(2)?.parse().ok()?,
-        session: f.get(3)?.parse().ok()?,
-        start_time: f.get(19)?.parse().ok()?,
+        state,
+        ppid,
+        pgrp,
+        session,
+        start_time,
     })
+}
+
+/// A decimal field of `/proc/<pid>/stat` (`str::parse` on its bytes).
+fn num<T: std::str::FromStr>(w: &[u8]) -> Option<T> {
+    std::str::from_utf8(w).ok()?.parse().ok()
 }
 
 /// The start time of a live process, `None` when it is gone or a zombie.
@@ -362,6 +382,52 @@ mod tests {
         assert_eq!(s.ppid, 1);
         assert_eq!(s.pgrp, 123);
         assert_eq!(s.start_time, 98765);
+    }
+
+    /// The parser before the allocation-free one, kept as the reference.
+    fn parse_stat_reference(pid: i32, raw: &[u8]) -> Option<ProcStat> {
+        let close = raw.iter().rposition(|&b| b == b')')?;
+        let rest = std::str::from_utf8(raw.get(close + 2..)?).ok()?;
+        let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+        Some(ProcStat {
+            pid,
+            state: f.first()?.chars().next()?,
+            ppid: f.get(1)?.parse().ok()?,
+            pgrp: f.get(2)?.parse().ok()?,
+            session: f.get(3)?.parse().ok()?,
+            start_time: f.get(19)?.parse().ok()?,
+        })
+    }
+
+    #[test]
+    fn parse_stat_equals_the_reference_on_every_process_and_odd_input() {
+        let mut seen = 0;
+        for pid in all_pids() {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            assert_eq!(
+                parse_stat(pid, &raw),
+                parse_stat_reference(pid, &raw),
+                "pid {pid}"
+            );
+            seen += 1;
+        }
+        assert!(seen > 0);
+        let odd: [&[u8]; 9] = [
+            b"",
+            b"1 (x)",
+            b"1 (x) S",
+            b"1 (x) S 1 2 3",
+            b"1 (x)  S  1\t2\n3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21",
+            b"1 (x) S -1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 -20 21",
+            b"1 (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19",
+            b"1 (x) \xc3\xa9 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+            b"1 (a) b) c) S 1 99999999999 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+        ];
+        for raw in odd {
+            assert_eq!(parse_stat(1, raw), parse_stat_reference(1, raw), "{raw:?}");
+        }
     }
 
     #[test]
