@@ -400,7 +400,12 @@ def bench_callgrind(runs):
            f"{nlines:,}-line turn minus a 2-line turn", "-", None, f"{runs} runs: {[round(x) for x in s['per_line']]}")
     result("instructions of a `--lines 0` turn (callgrind)", f"{med(s['turn_first']) / 1e6:.1f} M Ir first, "
            f"{med(s['turn_later']) / 1e6:.1f} M Ir later", "Ir", f"runner --version: {med(s['version']) / 1e6:.1f} M Ir",
-           "-", None, "runner process only, all threads")
+           "-", None, f"runner process only, all threads; exact: first {[int(x) for x in s['turn_first']]}, "
+           f"later {[int(x) for x in s['turn_later']]}; processes on the host: {len(all_host_pids())}")
+
+
+def all_host_pids():
+    return [p for p in os.listdir("/proc") if p.isdigit()]
 
 
 def bench_ingest(runs):

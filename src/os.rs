@@ -40,8 +40,14 @@ pub fn proc_stat(pid: i32) -> Option<ProcStat> {
     if pid <= 0 {
         return None;
     }
+    // A turn's end scans every process of the host: no allocation per pid.
+    let mut path = [0u8; 32];
+    let mut w = &mut path[..];
+    std::io::Write::write_fmt(&mut w, format_args!("/proc/{pid}/stat")).ok()?;
+    let len = 32 - w.len();
+    let path = std::str::from_utf8(&path[..len]).ok()?;
     let mut buf = [0u8; 1024];
-    let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = std::fs::File::open(path).ok()?;
     let n = f.read(&mut buf).ok()?;
     parse_stat(pid, &buf[..n])
 }
@@ -49,17 +55,31 @@ pub fn proc_stat(pid: i32) -> Option<ProcStat> {
 fn parse_stat(pid: i32, raw: &[u8]) -> Option<ProcStat> {
     // The command name is in parentheses and may itself hold spaces or ')'.
     let close = raw.iter().rposition(|&b| b == b')')?;
-    let rest = std::str::from_utf8(raw.get(close + 2..)?).ok()?;
-    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
-    // rest starts at field 3 (state): index 0 = field 3.
+    let rest = raw.get(close + 2..)?;
+    // rest starts at field 3 (state): index 0 = field 3. Only fields 3-6 and
+    // 22 are read, so the walk stops at 22 (no Vec of the 50 fields). The
+    // kernel writes ASCII here: bytes past field 22 are not checked for UTF-8.
+    let mut f = rest
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty());
+    let state = std::str::from_utf8(f.next()?).ok()?.chars().next()?;
+    let ppid = num(f.next()?)?;
+    let pgrp = num(f.next()?)?;
+    let session = num(f.next()?)?;
+    let start_time = num(f.nth(15)?)?;
     Some(ProcStat {
         pid,
-        state: f.first()?.chars().next()?,
-        ppid: f.get(1)?.parse().ok()?,
-        pgrp: f.get(2)?.parse().ok()?,
-        session: f.get(3)?.parse().ok()?,
-        start_time: f.get(19)?.parse().ok()?,
+        state,
+        ppid,
+        pgrp,
+        session,
+        start_time,
     })
+}
+
+/// A decimal field of `/proc/<pid>/stat` (`str::parse` on its bytes).
+fn num<T: std::str::FromStr>(w: &[u8]) -> Option<T> {
+    std::str::from_utf8(w).ok()?.parse().ok()
 }
 
 /// The start time of a live process, `None` when it is gone or a zombie.
@@ -107,6 +127,9 @@ pub struct TurnProcs {
     /// Also claim every orphan re-parented to the caller (a child subreaper)
     /// since the agent started: set only by the runner of the turn itself.
     pub adopt_orphans: bool,
+    /// The host's fork counter read just before the agent was spawned: lets
+    /// a scan skip the processes born before the agent (see [`TurnProcs::live`]).
+    pub forks_before_spawn: Option<u64>,
 }
 
 impl TurnProcs {
@@ -116,7 +139,15 @@ impl TurnProcs {
             agent_start,
             env_tag: format!("RUNNER_TURN_ID={turn_id}").into_bytes(),
             adopt_orphans: false,
+            forks_before_spawn: None,
         }
+    }
+
+    /// The same turn, with the fork counter read before its agent was
+    /// spawned ([`fork_count`]): scans read only the processes born since.
+    pub fn born_after_forks(mut self, forks: Option<u64>) -> Self {
+        self.forks_before_spawn = forks;
+        self
     }
 
     /// The same turn, seen by its own runner: orphans re-parented to it
@@ -141,6 +172,20 @@ impl TurnProcs {
     /// The live (non-zombie) processes of the turn: the agent, its process
     /// group, every descendant wherever it moved, and every process whose
     /// environment carries the turn id. Never includes the caller itself.
+    ///
+    /// Every one of them was born no earlier than the agent (a descendant,
+    /// a member of the group the agent leads, an environment the turn gave,
+    /// an orphan born since): with [`TurnProcs::forks_before_spawn`] the scan
+    /// reads only the pids handed out since the agent's, which the kernel
+    /// allocates in a cycle — from the agent's pid up to `ns_last_pid`,
+    /// wrapping at `pid_max` — instead of every process on the host. It falls
+    /// back to the whole of `/proc` when that cycle could have come round
+    /// again: when the pids handed out since (at most the forks since) plus
+    /// the tasks alive now (the in-use pids a cursor skips) reach a quarter of
+    /// `pid_max`, or when any of the three counters cannot be read. The one
+    /// difference from the whole scan: a process born before the agent in
+    /// the same clock tick (start times count ticks) is not taken for one
+    /// born since; none of those can belong to the turn.
     pub fn live(&self) -> Vec<i32> {
         self.live_except(&HashSet::new())
     }
@@ -149,7 +194,8 @@ impl TurnProcs {
     /// us, except the pids in `owned` (agents we spawned and wait for).
     pub fn live_except(&self, owned: &HashSet<i32>) -> Vec<i32> {
         let me = std::process::id() as i32;
-        let stats: Vec<ProcStat> = all_pids().into_iter().filter_map(proc_stat).collect();
+        let pids = self.born_since_agent().unwrap_or_else(all_pids);
+        let stats: Vec<ProcStat> = pids.into_iter().filter_map(proc_stat).collect();
         let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
         for s in &stats {
             children.entry(s.ppid).or_default().push(s.pid);
@@ -191,6 +237,89 @@ impl TurnProcs {
             .map(|s| s.pid)
             .collect()
     }
+}
+
+impl TurnProcs {
+    /// The pids in `/proc` handed out since the agent's (the agent's
+    /// included), or `None` when that cannot be told (see [`TurnProcs::live`]).
+    fn born_since_agent(&self) -> Option<Vec<i32>> {
+        let agent = self.agent_pid?;
+        let before = self.forks_before_spawn?;
+        let window = pid_window(agent, before)?;
+        Some(
+            all_pids()
+                .into_iter()
+                .filter(|&p| window.holds(p))
+                .collect(),
+        )
+    }
+}
+
+/// The pids allocated since a process: `[first, last]`, cyclic in `1..max`.
+#[derive(Debug, Clone, Copy)]
+struct PidWindow {
+    first: i32,
+    last: i32,
+    max: i32,
+}
+
+impl PidWindow {
+    fn holds(&self, pid: i32) -> bool {
+        let dist = |p: i32| (p - self.first).rem_euclid(self.max);
+        pid > 0 && pid < self.max && dist(pid) <= dist(self.last)
+    }
+}
+
+/// The window of pids allocated since `first` was, if the allocation cursor
+/// cannot have gone round the whole cycle since (the forks counter was
+/// `forks_before` just before `first` was allocated).
+fn pid_window(first: i32, forks_before: u64) -> Option<PidWindow> {
+    let max: i64 = read_small("/proc/sys/kernel/pid_max")?
+        .trim()
+        .parse()
+        .ok()?;
+    let last: i64 = read_small("/proc/sys/kernel/ns_last_pid")?
+        .trim()
+        .parse()
+        .ok()?;
+    // /proc/loadavg's fourth field: runnable/total tasks (each holds a pid).
+    let loadavg = read_small("/proc/loadavg")?;
+    let tasks: i64 = loadavg
+        .split_ascii_whitespace()
+        .nth(3)?
+        .split('/')
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let forks = fork_count()?;
+    let since = i64::try_from(forks.checked_sub(forks_before)?).ok()?;
+    if first <= 0 || i64::from(first) >= max || last <= 0 || last >= max {
+        return None;
+    }
+    if since.checked_add(tasks)?.checked_mul(4)? >= max {
+        return None;
+    }
+    Some(PidWindow {
+        first,
+        last: last as i32,
+        max: max as i32,
+    })
+}
+
+/// A small `/proc` file as text.
+fn read_small(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// The host's count of forks since boot (`processes` in `/proc/stat`;
+/// threads included). Read before spawning an agent, it bounds how many
+/// pids were handed out since (see [`TurnProcs::live`]).
+pub fn fork_count() -> Option<u64> {
+    let stat = std::fs::read("/proc/stat").ok()?;
+    let at = stat.windows(11).position(|w| w == b"\nprocesses ")? + 11;
+    let rest = &stat[at..];
+    let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+    std::str::from_utf8(&rest[..end]).ok()?.trim().parse().ok()
 }
 
 /// Sends `sig` to one pid; a process that is already gone is not an error.
@@ -362,6 +491,157 @@ mod tests {
         assert_eq!(s.ppid, 1);
         assert_eq!(s.pgrp, 123);
         assert_eq!(s.start_time, 98765);
+    }
+
+    /// The parser before the allocation-free one, kept as the reference.
+    fn parse_stat_reference(pid: i32, raw: &[u8]) -> Option<ProcStat> {
+        let close = raw.iter().rposition(|&b| b == b')')?;
+        let rest = std::str::from_utf8(raw.get(close + 2..)?).ok()?;
+        let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+        Some(ProcStat {
+            pid,
+            state: f.first()?.chars().next()?,
+            ppid: f.get(1)?.parse().ok()?,
+            pgrp: f.get(2)?.parse().ok()?,
+            session: f.get(3)?.parse().ok()?,
+            start_time: f.get(19)?.parse().ok()?,
+        })
+    }
+
+    #[test]
+    fn parse_stat_equals_the_reference_on_every_process_and_odd_input() {
+        let mut seen = 0;
+        for pid in all_pids() {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            assert_eq!(
+                parse_stat(pid, &raw),
+                parse_stat_reference(pid, &raw),
+                "pid {pid}"
+            );
+            seen += 1;
+        }
+        assert!(seen > 0);
+        let odd: [&[u8]; 9] = [
+            b"",
+            b"1 (x)",
+            b"1 (x) S",
+            b"1 (x) S 1 2 3",
+            b"1 (x)  S  1\t2\n3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21",
+            b"1 (x) S -1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 -20 21",
+            b"1 (x) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19",
+            b"1 (x) \xc3\xa9 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+            b"1 (a) b) c) S 1 99999999999 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+        ];
+        for raw in odd {
+            assert_eq!(parse_stat(1, raw), parse_stat_reference(1, raw), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn pid_window_is_cyclic() {
+        let w = PidWindow {
+            first: 32000,
+            last: 500,
+            max: 32768,
+        };
+        for p in [32000, 32001, 32767, 1, 300, 500] {
+            assert!(w.holds(p), "{p}");
+        }
+        for p in [501, 20000, 31999, 32768, 0, -1] {
+            assert!(!w.holds(p), "{p}");
+        }
+        let w = PidWindow {
+            first: 100,
+            last: 100,
+            max: 32768,
+        };
+        assert!(w.holds(100) && !w.holds(101) && !w.holds(99));
+    }
+
+    /// The scan of the pids born since the agent finds what the scan of all
+    /// of `/proc` finds: the agent, its group, its descendants that left the
+    /// group, a process born since that carries the turn id; not one born
+    /// before the agent that carries it too.
+    #[test]
+    fn scan_since_the_agent_equals_the_full_scan() {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        let tag = format!("RUNNER_TURN_ID=t-os-{}", std::process::id());
+        let (k, v) = tag.split_once('=').unwrap();
+        let spawn = |args: &[&str], group: bool| {
+            let mut c = Command::new(args[0]);
+            c.args(&args[1..]).env(k, v).stdin(Stdio::null());
+            if group {
+                c.process_group(0);
+            }
+            c.spawn().unwrap()
+        };
+        let mut old = spawn(&["sleep", "30"], false);
+        // Start times count clock ticks: the full scan cannot tell a process
+        // born in the agent's tick before it (the scan since the agent can).
+        // Let the tick of `old` pass before the agent starts.
+        let old_tick = start_time(old.id() as i32).unwrap();
+        let hz = 100.0; // USER_HZ, the unit of /proc's start times
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < until {
+            let up: f64 = std::fs::read_to_string("/proc/uptime")
+                .unwrap()
+                .split_ascii_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            if (up * hz) as u64 > old_tick + 1 {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let forks = fork_count();
+        assert!(forks.is_some());
+        let mut agent = spawn(&["sh", "-c", "sleep 30 & setsid sleep 30 & wait"], true);
+        let mut tagged = spawn(&["sleep", "30"], false);
+        let apid = agent.id() as i32;
+        let full = TurnProcs::new(
+            &tag["RUNNER_TURN_ID=".len()..],
+            Some(apid),
+            start_time(apid),
+        );
+        let fast = full.clone().born_after_forks(forks);
+        assert!(fast.born_since_agent().is_some());
+        // The shell's children start when they start: scan until both scans
+        // see them all and agree (a process that ends between the two scans
+        // is the only allowed difference, so retry then).
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let sorted = |mut v: Vec<i32>| {
+            v.sort_unstable();
+            v
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        while std::time::Instant::now() < until {
+            a = sorted(full.live());
+            b = sorted(fast.live());
+            let sleeps = a
+                .iter()
+                .filter(|&&p| {
+                    std::fs::read(format!("/proc/{p}/cmdline"))
+                        .is_ok_and(|c| c.starts_with(b"sleep\0"))
+                })
+                .count();
+            if a == b && sleeps == 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(a, b);
+        assert!(a.contains(&apid) && a.contains(&(tagged.id() as i32)));
+        assert!(!a.contains(&(old.id() as i32)));
+        for p in a {
+            signal_pid(p, Signal::SIGKILL);
+        }
+        signal_pid(old.id() as i32, Signal::SIGKILL);
+        let _ = (old.wait(), agent.wait(), tagged.wait());
     }
 
     #[test]

@@ -435,7 +435,9 @@ fn flush(ing: &mut Ingest, rows: &mut Vec<EventRow>, rep: &StreamReport) {
     let batch = Batch {
         created_at: crate::clock::now(),
         session_id: rep.session_id.clone(),
-        rows: std::mem::take(rows),
+        // The next batch starts with room for as many rows as this one:
+        // no doubling reallocations (each a copy of every row) per batch.
+        rows: std::mem::replace(rows, Vec::with_capacity(rows.len())),
     };
     // A full queue blocks this task (backpressure), never drops.
     let sent = match ing.writer.try_send(batch) {

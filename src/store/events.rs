@@ -107,11 +107,12 @@ const PER_ROW: usize = 7;
 
 /// `INSERT … VALUES (…), (…)` for `n` rows of one batch: ?1–?5 shared,
 /// seven of each row's own after them. Binding the shared ones once per
-/// chunk instead of per row saves two text copies per row.
-fn insert_sql(n: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO events (run_id, agent_name, turn_id, session_id, created_at, event_type, tool_name, \
-         tool_args, tool_duration_ms, level, data, line_no) VALUES ",
+/// chunk instead of per row saves two text copies per row. `verb` is
+/// `INSERT` or (SQLite) `INSERT OR FAIL`.
+fn insert_sql(verb: &str, n: usize) -> String {
+    let mut sql = format!(
+        "{verb} INTO events (run_id, agent_name, turn_id, session_id, created_at, event_type, tool_name, \
+         tool_args, tool_duration_ms, level, data, line_no) VALUES "
     );
     for r in 0..n {
         let b = SHARED + 1 + r * PER_ROW;
@@ -131,7 +132,20 @@ fn insert_sql(n: usize) -> String {
 fn chunk_sql(n: usize) -> &'static str {
     static SQL: [std::sync::OnceLock<String>; CHUNK + 1] =
         [const { std::sync::OnceLock::new() }; CHUNK + 1];
-    SQL[n].get_or_init(|| insert_sql(n))
+    SQL[n].get_or_init(|| insert_sql("INSERT", n))
+}
+
+/// SQLite's statement for `n` rows: `INSERT OR FAIL`. A multi-row `INSERT`
+/// (ABORT) must be able to undo its own earlier rows, so SQLite keeps a
+/// statement journal of every page it touches; FAIL keeps them instead.
+/// The same in effect here: no row of `events` can conflict (the id is
+/// SQLite's, no index is UNIQUE, the CHECK is off and every NOT NULL
+/// column is bound a value), and a failed statement fails the writer's
+/// transaction, which rolls back every row of it anyway.
+fn chunk_sql_sqlite(n: usize) -> &'static str {
+    static SQL: [std::sync::OnceLock<String>; CHUNK + 1] =
+        [const { std::sync::OnceLock::new() }; CHUNK + 1];
+    SQL[n].get_or_init(|| insert_sql("INSERT OR FAIL", n))
 }
 
 /// Statements kept prepared on an events connection: the 64 chunk sizes
@@ -224,7 +238,7 @@ fn insert_sqlite(
     for b in batches {
         for chunk in b.rows.chunks(CHUNK) {
             let mut st = conn
-                .prepare_cached(chunk_sql(chunk.len()))
+                .prepare_cached(chunk_sql_sqlite(chunk.len()))
                 .ctx("writing events")?;
             let bind = |st: &mut rusqlite::CachedStatement<'_>| -> rusqlite::Result<()> {
                 st.raw_bind_parameter(1, &tag.run_id)?;

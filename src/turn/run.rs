@@ -166,6 +166,8 @@ impl Running<'_> {
             return None;
         }
         crate::fault::hit("before_spawn");
+        // Before the fork: every pid handed out from here on is counted.
+        let forks_before = os::fork_count();
         let child = match spawn::spawn_agent(&spec.program, &spec.args, cwd, &self.agent_env(&spec))
         {
             Ok(c) => c,
@@ -176,8 +178,9 @@ impl Running<'_> {
         };
         let pid = child.id().map(|p| p as i32);
         ex.agent_pid = pid;
-        let procs =
-            TurnProcs::new(t.turn_id(), pid, pid.and_then(os::start_time)).adopting_orphans();
+        let procs = TurnProcs::new(t.turn_id(), pid, pid.and_then(os::start_time))
+            .adopting_orphans()
+            .born_after_forks(forks_before);
         self.record_pid(&procs);
         self.log(format!(
             "spawned {} (pid {}) args {}",
