@@ -291,6 +291,8 @@ def bench_ingest(runs):
 
 
 def clone_sql(root, table, tpl_where, subst, n, skip=()):
+    # tpl_where selects the template row; it is deleted afterwards, so it must
+    # not match the copies (use its id, or a name no copy gets).
     """INSERT n copies of the template row (tpl_where) with columns replaced by
     the expressions in subst (over g.i = 0..n-1), then DELETE the template;
     one statement on either store, every other column copied as it is."""
@@ -332,11 +334,36 @@ def fleet_setup(backend, nhosts, nagents, tag):
     return roots
 
 
-def serve_once(backend, nhosts, nagents, conc, poll, tag):
-    roots = fleet_setup(backend, nhosts, nagents, tag)
+def chain_setup(backend, nhosts, nagents, tag):
+    """nagents `lead` agents c00000.. registered with the CLI (floating), each
+    running the fake agent `--lines 1 --mail status --mail-to <itself>`: every
+    turn mails its own agent, so the next message arrives while the agent's
+    turn still holds its lease, and every host sees it due. One seed message
+    each (one `mail send`, copied)."""
+    first = Root(backend, tag, host="h1" if nhosts > 1 else None)
+    roots = [first] + [Root(backend, tag, schema=first.schema, host=f"h{k}") for k in range(2, nhosts + 1)]
+    wt = Path(base.WORK) / "wt"
+    wt.mkdir(exist_ok=True)
+    names = [f"c{i:05d}" for i in range(nagents)]
+    for n in names:
+        add_agent(first, n, fake("--lines", 1, "--mail", "status", "--mail-to", n), capability="lead",
+                  floating=True, worktree=wt)
+    mid = first.run("mail", "send", "--from", "boss", "--to", names[0], "--subject", "work", "--body", "go on").stdout
+    mid = mid.decode().strip().split()[-1]
+    clone_sql(first, "messages", f"id = '{mid}'",
+              {"id": pad(first, "msg-c", 11), "to_agent": pad(first, "c", 5)}, nagents, skip=("rowid",))
+    return roots
+
+
+def serve_once(backend, nhosts, nagents, conc, poll, tag, chain_window=None):
+    """Backlog mode (chain_window None): drain one message per agent. Chain
+    mode: agents that mail themselves every turn, run for chain_window s
+    after the first turn ends, then SIGINT."""
+    roots = (chain_setup if chain_window else fleet_setup)(backend, nhosts, nagents, tag)
     first = roots[0]
     procs, errs = [], []
-    deadline = time.time() + 60 + nagents * 60 / 300  # gives up below 300 turns/min
+    deadline = time.time() + 60 + (chain_window or nagents * 60 / 300)  # backlog: gives up below 300 turns/min
+    t_first = None
     try:
         for r in roots:
             ef = open(r.path / "serve.stderr", "wb")
@@ -347,17 +374,21 @@ def serve_once(backend, nhosts, nagents, conc, poll, tag):
         timed_out = False
         while True:
             time.sleep(0.5)
-            pending, running = map(int, q1(first, "messages",
-                                           "SELECT COUNT(*), COUNT(claimed_by) FROM messages "
-                                           "WHERE read = 0 AND dead_at IS NULL"))
-            if pending == 0:
-                break
+            if chain_window:
+                if t_first is None and q1(first, "turns", "SELECT COUNT(*) FROM turns WHERE ended_at IS NOT NULL")[0] != "0":
+                    t_first = time.time()
+                if t_first is not None and time.time() >= t_first + chain_window:
+                    break
+            else:
+                pending = int(q1(first, "messages", "SELECT COUNT(*) FROM messages WHERE read = 0 AND dead_at IS NULL")[0])
+                if pending == 0:
+                    break
             if any(p.poll() is not None for p in procs):
                 log(f"serve {tag}: a serve process exited early: {[p.poll() for p in procs]}")
                 break
             if time.time() > deadline:
                 timed_out = True
-                log(f"serve {tag}: deadline; {pending} messages still pending")
+                log(f"serve {tag}: deadline passed" + ("" if chain_window else f"; {pending} messages still pending"))
                 break
     finally:
         for p in procs:
@@ -392,8 +423,12 @@ def serve_once(backend, nhosts, nagents, conc, poll, tag):
                 c[f[2]] += 1
         attempts[h] = dict(c)
     rows = [(*row[:6], row[6] or host_of.get(row[0], "?")) for row in rows]
-    out = analyse(rows, nagents)
+    out = analyse(rows, None if chain_window else nagents)
     out["serve_lines_by_host"] = attempts
+    out["nothing_attempts"] = sum(c.get("nothing", 0) for c in attempts.values())
+    # Every message marked read must be in exactly one delivering turn's mail_ids.
+    read_ids = {r[0] for r in first.query("messages", "SELECT id FROM messages WHERE read = 1")}
+    out["read_not_in_a_delivering_turn"] = len(read_ids - out.pop("_delivered_ids"))
     out.update(rcs=rcs, timed_out=timed_out, stderr_problems=stderr_lines[:50],
                stderr_problem_count=len(stderr_lines))
     undelivered = int(q1(first, "messages", "SELECT COUNT(*) FROM messages WHERE read = 0")[0])
@@ -419,7 +454,8 @@ def analyse(rows, nagents):
             seen[m].append(t)
     doubles = {m: [(t["id"], t["host"], t["outcome"]) for t in ts_]
                for m, ts_ in seen.items() if sum(t["outcome"] in DELIVERING for t in ts_) > 1}
-    never = nagents - sum(1 for ts_ in seen.values() if any(t["outcome"] in DELIVERING for t in ts_))
+    delivered_ids = {m for m, ts_ in seen.items() if any(t["outcome"] in DELIVERING for t in ts_)}
+    never = None if nagents is None else nagents - len(delivered_ids)
     overlaps = []
     per_agent = collections.defaultdict(list)
     for t in turns:
@@ -434,44 +470,63 @@ def analyse(rows, nagents):
     return {"turns": len(turns), "delivering_turns": len(delivering), "span_s": span,
             "per_min": len(finished) / span * 60 if finished and span > 0 else 0.0,
             "by_outcome": dict(by_outcome), "by_host": dict(by_host),
-            "double_deliveries": len(doubles), "double_examples": dict(list(doubles.items())[:10]),
+            "_delivered_ids": delivered_ids, "double_deliveries": len(doubles), "double_examples": dict(list(doubles.items())[:10]),
             "messages_never_delivered": never, "agents_with_several_turns": sum(len(v) > 1 for v in per_agent.values()),
             "overlaps": len(overlaps), "overlap_examples": overlaps[:10]}
 
 
-def bench_serve(runs, nagents, nhosts, conc, poll):
-    variants = [("sqlite", 1), ("postgres", 1), ("postgres", nhosts)]
-    s = {f"{b}x{h}": [] for b, h in variants}
+def bench_serve(runs, nagents, nhosts, conc, poll, chain_agents, chain_window):
+    """Backlog: SQLite x1 host, PostgreSQL x1 and x nhosts, each draining
+    nagents agents with one message each. Chain: agents mailing themselves
+    every turn (several turns per agent, the next message due while the lease
+    is held), SQLite x1 and PostgreSQL x nhosts, for chain_window s."""
+    variants = [("sqlite", 1, None), ("postgres", 1, None), ("postgres", nhosts, None)]
+    if chain_agents:
+        variants += [("sqlite", 1, chain_window), ("postgres", nhosts, chain_window)]
+    key = lambda b, h, w: f"{b}x{h}" + ("-chain" if w else "")
+    s = {key(*v): [] for v in variants}
     for i in range(runs):
-        for b, h in (variants if i % 2 == 0 else variants[::-1]):
-            k = f"{b}x{h}"
-            log(f"serve {k} run {i + 1}: {nagents} agents, one message each ...")
-            r = serve_once(b, h, nagents, conc, poll, f"sv-{b}{h}")
-            log(f"serve {k} run {i + 1}: {r['per_min']:,.0f} turns/min; outcomes {r['by_outcome']}; hosts {r['by_host']}; "
+        for b, h, w in (variants if i % 2 == 0 else variants[::-1]):
+            k = key(b, h, w)
+            n = chain_agents if w else nagents
+            log(f"serve {k} run {i + 1}: {n} agents" + (f", mailing themselves, {w:g} s" if w else ", one message each")
+                + " ...")
+            r = serve_once(b, h, n, conc, poll, f"sv-{k}", chain_window=w)
+            log(f"serve {k} run {i + 1}: {r['per_min']:,.0f} turns/min; outcomes {r['by_outcome']}; "
+                f"turns by host {r['by_host']}; attempts that found nothing {r['nothing_attempts']}; "
                 f"doubles {r['double_deliveries']}, overlaps {r['overlaps']}, never delivered "
-                f"{r['messages_never_delivered']}, serve stderr problems {r['stderr_problem_count']}")
+                f"{r['messages_never_delivered']}, read but in no turn {r['read_not_in_a_delivering_turn']}, "
+                f"serve error/warn lines {r['stderr_problem_count']}")
             s[k].append(r)
-    RAW["serve"] = {"agents": nagents, "hosts": nhosts, "max_concurrent_per_host": conc, "poll": poll, "runs": s}
+    RAW["serve"] = {"agents": nagents, "hosts": nhosts, "max_concurrent_per_host": conc, "poll": poll,
+                    "chain_agents": chain_agents, "chain_window_s": chain_window, "runs": s}
     rate = {k: med([r["per_min"] for r in v]) for k, v in s.items()}
-    for b, h in variants:
-        k = f"{b}x{h}"
+    for b, h, w in variants:
+        k = key(b, h, w)
         v = s[k]
         bad = {"double deliveries": sum(r["double_deliveries"] for r in v),
-               "overlaps": sum(r["overlaps"] for r in v),
-               "never delivered": sum(r["messages_never_delivered"] for r in v),
+               "overlapping turns of one agent": sum(r["overlaps"] for r in v),
+               "messages never delivered": sum(r["messages_never_delivered"] or 0 for r in v),
+               "messages read but in no delivering turn": sum(r["read_not_in_a_delivering_turn"] for r in v),
                "serve error/warn lines": sum(r["stderr_problem_count"] for r in v),
-               "runs timed out": sum(r["timed_out"] for r in v)}
+               "runs timed out": sum(r["timed_out"] for r in v),
+               "serve exits not 0": sum(any(rc != 0 for rc in r["rcs"]) for r in v)}
         problems = "; ".join(f"**{n} {what}**" for what, n in bad.items() if n)
-        others = "; ".join(f"{label_of(b2)} x{h2}: {rate[f'{b2}x{h2}']:,.0f}/min" for b2, h2 in variants
-                           if (b2, h2) != (b, h))
-        hosts = v[-1]["by_host"] if b == "postgres" and h > 1 else None
-        is_target = b == "postgres" and h == nhosts and h > 1
-        result(f"serve, {label_of(b)}, {h} host{'s' if h > 1 else ''} x {conc} at once (fake agent --lines 1)",
-               rate[k], "turns/min", others, ">= 2,000 turns/min (issue 14)" if is_target else "-",
+        others = "; ".join(f"{label_of(b2)} x{h2}: {rate[key(b2, h2, w2)]:,.0f}/min" for b2, h2, w2 in variants
+                           if (w2 is None) == (w is None) and (b2, h2) != (b, h))
+        is_target = b == "postgres" and h == nhosts and h > 1 and w is None
+        multi = h > 1
+        several = med([r["agents_with_several_turns"] for r in v])
+        what = (f"{nagents:,} agents, one message each, drained; first start to last end" if w is None else
+                f"{chain_agents} `lead` agents whose fake agent mails itself every turn, {w:g} s after the first "
+                f"turn, then SIGINT; median {several:.0f} agents with several turns; interrupted turns not counted")
+        result(f"serve, {label_of(b)}, {h} host{'s' if multi else ''} x {conc} at once, "
+               + ("backlog" if w is None else "self-mailing agents") + " (fake agent --lines 1)",
+               rate[k], "turns/min", others or "-", ">= 2,000 turns/min (issue 14)" if is_target else "-",
                (rate[k] >= 2000 and not problems) if is_target else None,
-               f"{nagents:,} agents, one message each, drained; first start to last end; {runs} runs "
-               f"({', '.join(format(r['per_min'], ',.0f') for r in v)})"
-               + (f"; turns per host (last run) {hosts}" if hosts else "")
+               f"{what}; {runs} runs ({', '.join(format(r['per_min'], ',.0f') for r in v)})"
+               + (f"; turns per host (last run) {v[-1]['by_host']}; attempts that found the mail already claimed "
+                  f"by another host: median {med([r['nothing_attempts'] for r in v]):.0f}" if multi else "")
                + ("; no double delivery, no overlap" if not problems else f"; {problems}"))
 
 
@@ -488,10 +543,13 @@ def main():
     ap.add_argument("what", choices=["all", "overhead", "ingest", "serve"])
     ap.add_argument("--runs", type=int, help="runs per figure (default: overhead 21, ingest 5, serve 3)")
     ap.add_argument("--url", default=os.environ.get("RUNNER_BENCH_PG", DEFAULT_URL), help=f"PostgreSQL (default {DEFAULT_URL})")
-    ap.add_argument("--messages", type=int, default=3000, help="serve: agents, one message each (default 3000)")
+    ap.add_argument("--messages", type=int, default=2000, help="serve: agents, one message each (default 2000)")
     ap.add_argument("--hosts", type=int, default=4, help="serve: hosts on one database (default 4)")
     ap.add_argument("--conc", type=int, default=8, help="serve: --max-concurrent per host (default 8)")
     ap.add_argument("--poll", default="100ms", help="serve: --poll (default 100ms)")
+    ap.add_argument("--chain-agents", type=int, default=40,
+                    help="serve: agents that mail themselves every turn (default 40; 0 = skip that variant)")
+    ap.add_argument("--chain-window", type=float, default=15.0, help="serve: seconds of the self-mailing run (default 15)")
     ap.add_argument("--bin", help="use this binary instead of building target/release/runner")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
     ap.add_argument("--json", help="write raw samples and results here (default bench/results/fleet-<date>.json)")
@@ -529,7 +587,7 @@ def main():
             elif name == "ingest":
                 bench_ingest(runs)
             else:
-                bench_serve(runs, a.messages, a.hosts, a.conc, a.poll)
+                bench_serve(runs, a.messages, a.hosts, a.conc, a.poll, a.chain_agents, a.chain_window)
             RAW.setdefault("seconds", {})[name] = round(time.time() - t, 1)
             log(f"{name}: {time.time() - t:.0f} s")
         env = RAW["env"]
