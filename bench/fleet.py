@@ -17,8 +17,12 @@ Figures (each on SQLite and on PostgreSQL, interleaved run by run):
   by `runner serve`: SQLite with 1 host, PostgreSQL with 1 host and with
   --hosts hosts (each its own root and RUNNER_HOST_ID, one schema). Turns/min
   = delivering turns / (last turns.ended_at - first turns.started_at).
-  Checks: every message in exactly one delivering turn's `mail_ids`, no two
-  turns of one agent overlapping, no error lines from serve.
+  Then "self-mailing" agents (`lead`, the fake agent mails its own agent
+  every turn), SQLite x1 and PostgreSQL x --hosts, for --chain-window s: many
+  turns per agent, each next message due while the agent's lease is held.
+  Checks: every message in exactly one delivering turn's `mail_ids`, every
+  read message in one, no two turns of one agent overlapping, no error or
+  warning lines from serve, every serve exits 0.
 
 Each PostgreSQL root gets a fresh schema (RUNNER_STORE_URL + RUNNER_STORE_SCHEMA),
 dropped with `psql` afterwards (also on Ctrl-C). Helpers (timing, medians, the
@@ -480,18 +484,21 @@ def bench_serve(runs, nagents, nhosts, conc, poll, chain_agents, chain_window):
     nagents agents with one message each. Chain: agents mailing themselves
     every turn (several turns per agent, the next message due while the lease
     is held), SQLite x1 and PostgreSQL x nhosts, for chain_window s."""
-    variants = [("sqlite", 1, None), ("postgres", 1, None), ("postgres", nhosts, None)]
+    split = max(1, conc // nhosts)  # the same turns at once in all as one host
+    variants = [("sqlite", 1, conc, None), ("postgres", 1, conc, None), ("postgres", nhosts, conc, None)]
+    if split != conc and nhosts > 1:
+        variants.append(("postgres", nhosts, split, None))
     if chain_agents:
-        variants += [("sqlite", 1, chain_window), ("postgres", nhosts, chain_window)]
-    key = lambda b, h, w: f"{b}x{h}" + ("-chain" if w else "")
+        variants += [("sqlite", 1, conc, chain_window), ("postgres", nhosts, conc, chain_window)]
+    key = lambda b, h, c, w: f"{b}x{h}x{c}" + ("-chain" if w else "")
     s = {key(*v): [] for v in variants}
     for i in range(runs):
-        for b, h, w in (variants if i % 2 == 0 else variants[::-1]):
-            k = key(b, h, w)
+        for b, h, c, w in (variants if i % 2 == 0 else variants[::-1]):
+            k = key(b, h, c, w)
             n = chain_agents if w else nagents
             log(f"serve {k} run {i + 1}: {n} agents" + (f", mailing themselves, {w:g} s" if w else ", one message each")
                 + " ...")
-            r = serve_once(b, h, n, conc, poll, f"sv-{k}", chain_window=w)
+            r = serve_once(b, h, n, c, poll, f"sv-{k}", chain_window=w)
             log(f"serve {k} run {i + 1}: {r['per_min']:,.0f} turns/min; outcomes {r['by_outcome']}; "
                 f"turns by host {r['by_host']}; attempts that found nothing {r['nothing_attempts']}; "
                 f"doubles {r['double_deliveries']}, overlaps {r['overlaps']}, never delivered "
@@ -501,8 +508,8 @@ def bench_serve(runs, nagents, nhosts, conc, poll, chain_agents, chain_window):
     RAW["serve"] = {"agents": nagents, "hosts": nhosts, "max_concurrent_per_host": conc, "poll": poll,
                     "chain_agents": chain_agents, "chain_window_s": chain_window, "runs": s}
     rate = {k: med([r["per_min"] for r in v]) for k, v in s.items()}
-    for b, h, w in variants:
-        k = key(b, h, w)
+    for b, h, c, w in variants:
+        k = key(b, h, c, w)
         v = s[k]
         bad = {"double deliveries": sum(r["double_deliveries"] for r in v),
                "overlapping turns of one agent": sum(r["overlaps"] for r in v),
@@ -512,15 +519,15 @@ def bench_serve(runs, nagents, nhosts, conc, poll, chain_agents, chain_window):
                "runs timed out": sum(r["timed_out"] for r in v),
                "serve exits not 0": sum(any(rc != 0 for rc in r["rcs"]) for r in v)}
         problems = "; ".join(f"**{n} {what}**" for what, n in bad.items() if n)
-        others = "; ".join(f"{label_of(b2)} x{h2}: {rate[key(b2, h2, w2)]:,.0f}/min" for b2, h2, w2 in variants
-                           if (w2 is None) == (w is None) and (b2, h2) != (b, h))
-        is_target = b == "postgres" and h == nhosts and h > 1 and w is None
+        others = "; ".join(f"{label_of(b2)} {h2}x{c2}: {rate[key(b2, h2, c2, w2)]:,.0f}/min"
+                           for b2, h2, c2, w2 in variants if (w2 is None) == (w is None) and (b2, h2, c2) != (b, h, c))
+        is_target = b == "postgres" and h == nhosts and h > 1 and w is None and c == conc
         multi = h > 1
         several = med([r["agents_with_several_turns"] for r in v])
         what = (f"{nagents:,} agents, one message each, drained; first start to last end" if w is None else
                 f"{chain_agents} `lead` agents whose fake agent mails itself every turn, {w:g} s after the first "
                 f"turn, then SIGINT; median {several:.0f} agents with several turns; interrupted turns not counted")
-        result(f"serve, {label_of(b)}, {h} host{'s' if multi else ''} x {conc} at once, "
+        result(f"serve, {label_of(b)}, {h} host{'s' if multi else ''} x {c} at once, "
                + ("backlog" if w is None else "self-mailing agents") + " (fake agent --lines 1)",
                rate[k], "turns/min", others or "-", ">= 2,000 turns/min (issue 14)" if is_target else "-",
                (rate[k] >= 2000 and not problems) if is_target else None,
