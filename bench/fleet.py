@@ -35,6 +35,7 @@ import collections
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -428,19 +429,35 @@ def serve_once(backend, nhosts, nagents, conc, poll, tag, chain_window=None):
         attempts[h] = dict(c)
     rows = [(*row[:6], row[6] or host_of.get(row[0], "?")) for row in rows]
     out = analyse(rows, None if chain_window else nagents)
+    # Turns that neither delivered nor were interrupted by the final SIGINT: why.
+    odd = first.query("turns", "SELECT turn_id, agent_name, outcome, reason, exit_code, signal, stderr_tail FROM turns "
+                               "WHERE outcome IS NULL OR outcome NOT IN ('done', 'exited', 'waiting', 'interrupted')")
+    out["odd_turns"] = [dict(zip(("turn_id", "agent", "outcome", "reason", "exit_code", "signal", "stderr_tail"), r),
+                             host=host_of.get(r[0], "?")) for r in odd[:20]]
+    out["odd_turn_count"] = len(odd)
     out["serve_lines_by_host"] = attempts
     out["nothing_attempts"] = sum(c.get("nothing", 0) for c in attempts.values())
     # Every message marked read must be in exactly one delivering turn's mail_ids.
     read_ids = {r[0] for r in first.query("messages", "SELECT id FROM messages WHERE read = 1")}
     out["read_not_in_a_delivering_turn"] = len(read_ids - out.pop("_delivered_ids"))
+    kinds = collections.Counter(problem_kind(line) for line in stderr_lines)
     out.update(rcs=rcs, timed_out=timed_out, stderr_problems=stderr_lines[:50],
-               stderr_problem_count=len(stderr_lines))
+               stderr_problem_count=len(stderr_lines), stderr_problem_kinds=dict(kinds.most_common(10)))
     undelivered = int(q1(first, "messages", "SELECT COUNT(*) FROM messages WHERE read = 0")[0])
     out["messages_unread_after"] = undelivered
     for r in roots[1:]:
         r.drop()
     first.drop()
     return out
+
+
+def problem_kind(line):
+    """A serve stderr line with its host, stamps, colours, agent and turn
+    names taken out, so that lines of one kind count together."""
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line.split(": ", 1)[-1])
+    line = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z", "", line)
+    line = re.sub(r"\b[bc]\d{5}\b", "<agent>", line)
+    return re.sub(r"\b\d{8}T\d{9}Z-\w+", "<turn>", line).strip()
 
 
 def analyse(rows, nagents):
@@ -503,7 +520,8 @@ def bench_serve(runs, nagents, nhosts, conc, poll, chain_agents, chain_window):
                 f"turns by host {r['by_host']}; attempts that found nothing {r['nothing_attempts']}; "
                 f"doubles {r['double_deliveries']}, overlaps {r['overlaps']}, never delivered "
                 f"{r['messages_never_delivered']}, read but in no turn {r['read_not_in_a_delivering_turn']}, "
-                f"serve error/warn lines {r['stderr_problem_count']}")
+                f"serve error/warn lines {r['stderr_problem_count']}, odd turns {r['odd_turn_count']} "
+                f"{r['odd_turns'][:2] if r['odd_turns'] else ''}")
             s[k].append(r)
     RAW["serve"] = {"agents": nagents, "hosts": nhosts, "max_concurrent_per_host": conc, "poll": poll,
                     "chain_agents": chain_agents, "chain_window_s": chain_window, "runs": s}
@@ -517,8 +535,17 @@ def bench_serve(runs, nagents, nhosts, conc, poll, chain_agents, chain_window):
                "messages read but in no delivering turn": sum(r["read_not_in_a_delivering_turn"] for r in v),
                "serve error/warn lines": sum(r["stderr_problem_count"] for r in v),
                "runs timed out": sum(r["timed_out"] for r in v),
+               "turns neither delivering nor interrupted": sum(r["odd_turn_count"] for r in v),
                "serve exits not 0": sum(any(rc != 0 for rc in r["rcs"]) for r in v)}
         problems = "; ".join(f"**{n} {what}**" for what, n in bad.items() if n)
+        kinds = collections.Counter()
+        for r in v:
+            kinds.update(r["stderr_problem_kinds"])
+        if kinds:
+            problems += " (" + "; ".join(f"{n} x `{k}`" for k, n in kinds.most_common(3)) + ")"
+        odd = collections.Counter(f"{t['outcome']}: {t['reason']}" for r in v for t in r["odd_turns"])
+        if odd:
+            problems += " (" + "; ".join(f"{n} x `{k}`" for k, n in odd.most_common(3)) + ")"
         others = "; ".join(f"{label_of(b2)} {h2}x{c2}: {rate[key(b2, h2, c2, w2)]:,.0f}/min"
                            for b2, h2, c2, w2 in variants if (w2 is None) == (w is None) and (b2, h2, c2) != (b, h, c))
         is_target = b == "postgres" and h == nhosts and h > 1 and w is None and c == conc
