@@ -49,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as base  # noqa: E402  (bench/run.py: timed, med, gen_stream, ...)
 
-from run import ENVELOPE, INGEST_LINES, REPO, fmt, log, med, rm, timed, ts  # noqa: E402
+from run import ENVELOPE, INGEST_LINES, REPO, log, med, rm, timed, ts  # noqa: E402
 
 DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/test"
 DELIVERING = {"done", "exited", "waiting"}  # outcomes whose claimed mail is delivered (SPEC §6.3)
