@@ -610,11 +610,11 @@ fn commands_honour_sslmode_and_refuse_bad_ones_with_one_line() {
         ),
         (
             &format!("sslmode=verify-ca&sslrootcert={stranger}"),
-            "certificate verify failed",
+            "invalid peer certificate",
         ),
         (
             &format!("sslmode=require&sslrootcert={stranger}"),
-            "certificate verify failed",
+            "invalid peer certificate",
         ),
     ] {
         let r = t.run(["--store", &with_query(&with_pw, query), "status"]);

@@ -18,22 +18,26 @@
 //! certificate chain, `verify-full` the chain and the host name. Without a
 //! root certificate `prefer` and `require` do not check the certificate;
 //! with one (`sslrootcert=PATH`, else `~/.postgresql/root.crt` if it
-//! exists; `sslrootcert=system` is the system's roots) they check the chain
-//! as `verify-ca` does, and `verify-*` without one is refused. Any other
-//! `sslmode` (libpq's `allow` too) is a bad URL. TLS is the system OpenSSL
-//! (`native-tls`). Connections carry `application_name=runner` unless the
-//! URL names one, so operators can pick them out of `pg_stat_activity`.
+//! exists) they check the chain as `verify-ca` does, and `verify-*` without
+//! one is refused. Any other `sslmode` (libpq's `allow` too) is a bad URL.
+//! TLS is rustls (ring): no system library, and no CA bundle read unless
+//! asked. Connections carry `application_name=runner` unless the URL names
+//! one, so operators can pick them out of `pg_stat_activity`.
 
 pub mod copy;
 pub mod schema;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::config::SslMode;
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls};
-use postgres_native_tls::MakeTlsConnector;
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Errors of the PostgreSQL layer. Exit codes: see `error::exit_code`.
 #[derive(Debug, thiserror::Error)]
@@ -253,7 +257,7 @@ struct Tls {
 
 enum Connector {
     Plain,
-    Tls(MakeTlsConnector),
+    Tls(MakeRustlsConnect),
 }
 
 /// Splits `sslmode` and `sslrootcert` out of a `postgres://` URL's query:
@@ -336,12 +340,11 @@ impl Tls {
             .map(|h| std::path::Path::new(&h).join(".postgresql/root.crt"))
             .filter(|p| p.is_file())
             .map(|p| p.to_string_lossy().into_owned());
-        let root = self.root_cert.clone().or(default_root);
-        let mut builder = native_tls::TlsConnector::builder();
-        match root.as_deref() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match self.root_cert.clone().or(default_root) {
             None if verify => {
                 return Err(format!(
-                    "sslmode={} needs a root certificate: add sslrootcert=PATH (or sslrootcert=system)",
+                    "sslmode={} needs a root certificate: add sslrootcert=PATH",
                     if self.mode == TlsMode::VerifyCa {
                         "verify-ca"
                     } else {
@@ -350,38 +353,143 @@ impl Tls {
                 ));
             }
             // No root certificate: encrypted, the certificate not checked.
-            None => {
-                builder
-                    .danger_accept_invalid_certs(true)
-                    .disable_built_in_roots(true);
-            }
-            Some("system") => {}
+            None => Arc::new(Unchecked(provider.clone())),
             Some(path) => {
-                let pem = std::fs::read(path)
+                use rustls::pki_types::pem::PemObject;
+                let pem = std::fs::read(&path)
                     .map_err(|e| format!("sslrootcert {}: {e}", path.escape_debug()))?;
-                let certs = native_tls::Certificate::stack_from_pem(&pem)
-                    .ok()
-                    .filter(|c| !c.is_empty())
-                    .ok_or_else(|| {
-                        format!(
-                            "sslrootcert {}: no PEM certificate in it",
-                            path.escape_debug()
-                        )
-                    })?;
-                builder.disable_built_in_roots(true);
-                for cert in certs {
-                    builder.add_root_certificate(cert);
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem).flatten() {
+                    let _ = roots.add(cert);
                 }
+                if roots.is_empty() {
+                    return Err(format!(
+                        "sslrootcert {}: no PEM certificate in it",
+                        path.escape_debug()
+                    ));
+                }
+                let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| format!("sslrootcert {}: {e}", path.escape_debug()))?;
+                Arc::new(ChainChecked {
+                    chain,
+                    host_name: self.mode == TlsMode::VerifyFull,
+                })
             }
+        };
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("setting up TLS: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(Connector::Tls(MakeRustlsConnect::new(config)))
+    }
+}
+
+/// A certificate taken unchecked (`prefer`/`require` without a root
+/// certificate, as libpq); the handshake's signatures are still verified.
+#[derive(Debug)]
+struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
+
+/// The chain checked against the root certificates; the host name only
+/// for `verify-full`.
+#[derive(Debug)]
+struct ChainChecked {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    host_name: bool,
+}
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for ChainChecked {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        use rustls::{CertificateError, Error};
+        match self
+            .chain
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            // The chain is good; only the name differs (verify-ca).
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if !self.host_name => Ok(ServerCertVerified::assertion()),
+            r => r,
         }
-        // Only verify-full checks the host name (libpq's rule).
-        if self.mode != TlsMode::VerifyFull {
-            builder.danger_accept_invalid_hostnames(true);
-        }
-        let connector = builder
-            .build()
-            .map_err(|e| format!("setting up TLS: {e}"))?;
-        Ok(Connector::Tls(MakeTlsConnector::new(connector)))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
     }
 }
 
