@@ -321,6 +321,34 @@ pub struct PgConn {
     statements: HashMap<String, postgres::Statement>,
     fence: Option<Fence>,
     in_tx: bool,
+    /// The store it belongs to (URL and schema), when it may be kept for
+    /// reuse by this process once dropped ([`take_spare`]).
+    spare_key: Option<String>,
+}
+
+/// Store connections this process dropped, kept for its next open of the
+/// same store: a command opens the store more than once (the host check,
+/// the turn, after waiting for the lease) and `serve` opens it for every
+/// turn, each a connection (and authentication) otherwise. Only idle ones
+/// are kept, fence lifted, statement cache and all.
+static SPARE: std::sync::Mutex<Vec<PgConn>> = std::sync::Mutex::new(Vec::new());
+
+/// How many dropped connections are kept at most.
+const SPARE_MAX: usize = 4;
+
+/// A kept connection to the store `key`, if one is idle and open.
+pub fn take_spare(key: &str) -> Option<Db> {
+    let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+    while let Some(i) = spare
+        .iter()
+        .position(|c| c.spare_key.as_deref() == Some(key))
+    {
+        let c = spare.swap_remove(i);
+        if c.client.as_ref().is_some_and(|c| !c.is_closed()) {
+            return Some(Db::Pg(Box::new(RefCell::new(c))));
+        }
+    }
+    None
 }
 
 impl PgConn {
@@ -330,6 +358,7 @@ impl PgConn {
             statements: HashMap::new(),
             fence: None,
             in_tx: false,
+            spare_key: None,
         }
     }
 
@@ -400,8 +429,26 @@ impl PgConn {
 
 impl Drop for PgConn {
     fn drop(&mut self) {
-        // The client owns a runtime, which may not be dropped inside another.
         let client = self.client.take();
+        let client = match (self.spare_key.take(), client) {
+            (Some(key), Some(c)) if !self.in_tx && !c.is_closed() => {
+                let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+                if spare.len() < SPARE_MAX {
+                    spare.push(PgConn {
+                        client: Some(c),
+                        statements: std::mem::take(&mut self.statements),
+                        fence: None,
+                        in_tx: false,
+                        spare_key: Some(key),
+                    });
+                    None
+                } else {
+                    Some(c)
+                }
+            }
+            (_, c) => c,
+        };
+        // The client owns a runtime, which may not be dropped inside another.
         off_runtime(move || drop(client));
     }
 }
@@ -438,8 +485,24 @@ impl Db {
         Db::Pg(Box::new(RefCell::new(PgConn::new(client))))
     }
 
+    /// A connection to the store `key` that, once dropped idle, is kept
+    /// for this process's next open of that store ([`take_spare`]).
+    pub fn pg_reusable(client: postgres::Client, key: String) -> Db {
+        let mut c = PgConn::new(client);
+        c.spare_key = Some(key);
+        Db::Pg(Box::new(RefCell::new(c)))
+    }
+
     pub fn is_pg(&self) -> bool {
         matches!(self, Db::Pg(_))
+    }
+
+    /// Closes the connection for good: not kept for reuse (a process about
+    /// to wait long must not hold a connection of the server's).
+    pub fn close(self) {
+        if let Db::Pg(p) = &self {
+            p.borrow_mut().spare_key = None;
+        }
     }
 
     /// Makes every later write on this PostgreSQL connection conditional on

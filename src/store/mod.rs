@@ -336,6 +336,10 @@ impl Backend {
         static MIGRATED: std::sync::Mutex<Vec<(String, String)>> =
             std::sync::Mutex::new(Vec::new());
         let key = (url.clone(), schema.clone());
+        let spare_key = format!("{schema}\n{url}");
+        if let Some(db) = db::take_spare(&spare_key) {
+            return Ok(Some(db));
+        }
         let client = db::off_runtime(|| -> std::result::Result<_, pg::PgError> {
             let mut client = pg::connect(url, schema)?;
             let mut migrated = MIGRATED.lock().unwrap_or_else(|e| e.into_inner());
@@ -345,7 +349,7 @@ impl Backend {
             }
             Ok(client)
         })?;
-        Ok(Some(Db::pg(client)))
+        Ok(Some(Db::pg_reusable(client, spare_key)))
     }
 }
 

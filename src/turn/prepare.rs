@@ -114,16 +114,27 @@ pub async fn prepare(
     let lock_path = ctx.root.lock_path(agent);
     // A turn waiting for the lease holds no PostgreSQL connection: a queue
     // of waiting turns must not use up the server's connections.
-    let kept = (!store.conn.is_pg()).then_some(store);
-    let lease = tokio::select! {
-        l = Lease::acquire(&lock_path, agent, req.wait) => l?,
-        _ = aborted(abort) => return Ok(Prepared::Early(Box::new(TurnSummary::interrupted_waiting(
-            agent
-        )))),
-    };
-    let mut store = match kept {
-        Some(s) => s,
-        None => ctx.store()?,
+    let (lease, mut store) = match Lease::try_acquire(&lock_path)? {
+        Some(l) => (l, store),
+        None => {
+            let kept = if store.conn.is_pg() {
+                store.conn.close();
+                None
+            } else {
+                Some(store)
+            };
+            let lease = tokio::select! {
+                l = Lease::acquire(&lock_path, agent, req.wait) => l?,
+                _ = aborted(abort) => return Ok(Prepared::Early(Box::new(
+                    TurnSummary::interrupted_waiting(agent)
+                ))),
+            };
+            let store = match kept {
+                Some(s) => s,
+                None => ctx.store()?,
+            };
+            (lease, store)
+        }
     };
     // Fleet mode: the database half of the lease, with its fencing token;
     // every later write of the turn is conditional on it.

@@ -8,8 +8,11 @@
 //! `RUNNER_TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/test`.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
-use crate::TestRoot;
+use nix::sys::signal::Signal;
+
+use crate::{TestRoot, signal, wait_child, wait_for};
 
 /// A fresh schema on the test server, dropped when this is dropped.
 pub struct PgSchema {
@@ -487,4 +490,135 @@ fn doctor_checks_a_postgresql_store_and_the_clock() {
     let r = t.run_env(&env, ["doctor", "--json"]);
     assert_eq!(r.code(), 1, "{}", r.stdout());
     assert_eq!(check(&r, "schema")["level"], "fail", "{}", r.stdout());
+}
+
+/// `url` with `query` added to its query string.
+fn with_query(url: &str, query: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{query}")
+}
+
+/// Does the test server offer TLS (`ssl = on`)?
+fn server_offers_tls(pg: &PgSchema) -> bool {
+    let on: String = pg.client().query_one("SHOW ssl", &[]).unwrap().get(0);
+    on == "on"
+}
+
+/// A CA certificate that signed nothing: a server checked against it fails.
+const STRANGER_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBsjCCAVegAwIBAgIUCorrrq2LSb5NvdXPPrYTA4F1B04wCgYIKoZIzj0EAwIw
+LTErMCkGA1UEAwwicnVubmVyIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzAg
+Fw0yNjExMjkyMDM4MzdaGA8yMTI2MTEwNTIwMzgzN1owLTErMCkGA1UEAwwicnVu
+bmVyIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABDq4ToQibciuVH4PJzrViiCl4dbuuMGI/AFOWazLUH7dBgOdJEVY
+FHp5+SIHuyCoRhfDMd79R+as3081x/EYlhGjUzBRMB0GA1UdDgQWBBQ/4+8Fb7yW
+WixJC5PzxDc1fF9dVDAfBgNVHSMEGDAWgBQ/4+8Fb7yWWixJC5PzxDc1fF9dVDAP
+BgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQCvRma35hQTprM1QW/5
+QBLW0l01xqtqjSIpS37LOtvFCAIhAIfTLHkFEwkZ6y+f4wrbnkSFqnqOwJRVzRHD
+p30DAFHU
+-----END CERTIFICATE-----
+";
+
+/// `sslmode` decides TLS, seen from the server (`pg_stat_ssl` of the
+/// connection's own backend); connections are named `runner` unless the
+/// URL names them.
+#[test]
+fn sslmode_decides_tls_as_the_server_sees_it() {
+    let Some(pg) = pg() else { return };
+    let tls = server_offers_tls(&pg);
+    let seen = |query: &str| -> (bool, String) {
+        let url = with_query(&pg.url, query);
+        let mut c = runner::store::pg::connect(&url, &pg.schema).unwrap();
+        let r = c
+            .query_one(
+                "SELECT s.ssl, a.application_name FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(seen("sslmode=disable"), (false, "runner".to_string()));
+    assert_eq!(seen("sslmode=prefer").0, tls, "prefer: TLS when offered");
+    assert_eq!(seen("connect_timeout=5").0, tls, "prefer is the default");
+    assert_eq!(seen("sslmode=disable&application_name=mine").1, "mine");
+    if tls {
+        assert_eq!(seen("sslmode=require"), (true, "runner".to_string()));
+    } else {
+        eprintln!("NOTE: the test server has ssl = off: sslmode=require was not tried");
+    }
+}
+
+/// A command with `sslmode=require` works and every connection it holds is
+/// TLS (seen from the server while a turn runs); `disable` works; a bad or
+/// unsupported mode, a missing root certificate and a certificate that fails
+/// the check are one line, exit 2, the password hidden.
+#[test]
+fn commands_honour_sslmode_and_refuse_bad_ones_with_one_line() {
+    let Some(mut t) = TestRoot::postgres() else {
+        return;
+    };
+    let pg = t.pg.as_ref().unwrap();
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
+    if !server_offers_tls(pg) {
+        eprintln!("NOTE: the test server has ssl = off: sslmode=require was not tried");
+        return;
+    }
+    // The schema's name tells this test's connections from all others.
+    let require = with_query(&url, &format!("sslmode=require&application_name={schema}"));
+    t.set_env("RUNNER_STORE_URL", &require);
+    t.agent("w", "builder", None, &["--lines", "600", "--rate", "20"]);
+    t.run(["status"]).status(0);
+    let runner = t.spawn(["turn", "--agent", "w", "--message", "go"]);
+    let pid_file = t.root().join("agents/w/turn.pid");
+    wait_for(Duration::from_secs(20), "the agent to start", || {
+        pid_file.exists()
+    });
+    let mut c = t.pg.as_ref().unwrap().client();
+    let mut counts = (0, 0);
+    wait_for(
+        Duration::from_secs(20),
+        "the turn's connections to show",
+        || {
+            let r = c
+                .query_one(
+                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = $1",
+                    &[&schema],
+                )
+                .unwrap();
+            counts = (r.get::<_, i64>(0), r.get::<_, i64>(1));
+            counts.0 > 0
+        },
+    );
+    assert_eq!(counts.0, counts.1, "every connection is TLS: {counts:?}");
+    signal(runner.id(), Signal::SIGTERM);
+    wait_child(runner, Duration::from_secs(20));
+
+    t.set_env("RUNNER_STORE_URL", &with_query(&url, "sslmode=disable"));
+    t.run(["status"]).status(0);
+
+    let with_pw = url.replacen("postgres://postgres@", "postgres://postgres:hunter2@", 1);
+    let stranger = t.path().join("stranger-ca.pem");
+    std::fs::write(&stranger, STRANGER_CA).unwrap();
+    let stranger = stranger.display().to_string();
+    for (query, needle) in [
+        ("sslmode=verify", "sslmode=verify is not supported"),
+        ("sslmode=allow", "sslmode=allow is not supported"),
+        ("sslmode=verify-full", "needs a root certificate"),
+        (
+            "sslmode=require&sslrootcert=/nonexistent.pem",
+            "sslrootcert /nonexistent.pem",
+        ),
+        (
+            &format!("sslmode=verify-ca&sslrootcert={stranger}"),
+            "invalid peer certificate",
+        ),
+        (
+            &format!("sslmode=require&sslrootcert={stranger}"),
+            "invalid peer certificate",
+        ),
+    ] {
+        let r = t.run(["--store", &with_query(&with_pw, query), "status"]);
+        r.status(2).one_line_error(needle);
+        assert!(!r.stderr().contains("hunter2"), "{}", r.stderr());
+    }
 }

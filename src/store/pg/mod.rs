@@ -11,17 +11,35 @@
 //! then reported as busy. Queries go through the store seam
 //! ([`super::db::Db`]); this module only connects, migrates, copies, and
 //! listens for mail notifications ([`listen`], SPEC §12.4).
+//!
+//! TLS follows libpq's `sslmode` (every connection of runner goes through
+//! [`connect`], so all share these rules): `disable` is plaintext; `prefer`
+//! (the default) is TLS when the server offers it, else plaintext;
+//! `require` is TLS or fail; `verify-ca` also checks the server's
+//! certificate chain, `verify-full` the chain and the host name. Without a
+//! root certificate `prefer` and `require` do not check the certificate;
+//! with one (`sslrootcert=PATH`, else `~/.postgresql/root.crt` if it
+//! exists) they check the chain as `verify-ca` does, and `verify-*` without
+//! one is refused. Any other `sslmode` (libpq's `allow` too) is a bad URL.
+//! TLS is rustls (ring): no system library, and no CA bundle read unless
+//! asked. Connections carry `application_name=runner` unless the URL names
+//! one, so operators can pick them out of `pg_stat_activity`.
 
 pub mod copy;
 pub mod listen;
 pub mod schema;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::config::SslMode;
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls};
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Errors of the PostgreSQL layer. Exit codes: see `error::exit_code`.
 #[derive(Debug, thiserror::Error)]
@@ -131,19 +149,18 @@ pub fn connect(url: &str, schema: &str) -> Result<Client> {
     if !is_postgres(url) {
         return Err(bad("use postgres://USER@HOST[:PORT]/DATABASE".into()));
     }
-    let mut config = Config::from_str(url).map_err(|e| bad(e.to_string()))?;
-    if config.get_ssl_mode() == SslMode::Require {
-        return Err(bad(
-            "sslmode=require needs TLS, which this build of runner does not include; use sslmode=disable or prefer on a trusted network"
-                .into(),
-        ));
+    let (rest, tls) = split_tls(url).map_err(bad)?;
+    let mut config = Config::from_str(&rest).map_err(|e| bad(e.to_string()))?;
+    let connector = tls.connector(&mut config).map_err(bad)?;
+    if config.get_application_name().is_none() {
+        config.application_name("runner");
     }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(30));
-    let mut client = connect_retrying(&config).map_err(|e| match e.as_db_error() {
+    let mut client = connect_retrying(&config, &connector).map_err(|e| match e.as_db_error() {
         // Out of connection slots: busy, like a server that does not answer.
         Some(db) if *db.code() == SqlState::TOO_MANY_CONNECTIONS => PgError::Unreachable {
             url: shown.clone(),
@@ -153,6 +170,12 @@ pub fn connect(url: &str, schema: &str) -> Result<Client> {
         Some(db) => PgError::Refused {
             url: shown.clone(),
             detail: db.message().to_string(),
+        },
+        // No TLS where the URL requires it, or a certificate that fails the
+        // check: trying again will not help.
+        None if e.to_string() == TLS_HANDSHAKE => PgError::Refused {
+            url: shown.clone(),
+            detail: error_detail(&e),
         },
         None => PgError::Unreachable {
             url: shown.clone(),
@@ -184,12 +207,22 @@ pub fn set_idle_in_transaction_timeout(grace: Duration) {
 /// slots (a burst of short-lived commands) before giving up as busy.
 const SLOTS_WAIT: Duration = Duration::from_secs(20);
 
+/// How rust-postgres shows a TLS error (its error kinds are private).
+const TLS_HANDSHAKE: &str = "error performing TLS handshake";
+
 /// Connects, retrying with backoff while the server has no free slot.
-fn connect_retrying(config: &Config) -> std::result::Result<Client, postgres::Error> {
+fn connect_retrying(
+    config: &Config,
+    connector: &Connector,
+) -> std::result::Result<Client, postgres::Error> {
     let until = std::time::Instant::now() + SLOTS_WAIT;
     let mut pause = Duration::from_millis(20);
     loop {
-        match config.connect(NoTls) {
+        let attempt = match connector {
+            Connector::Plain => config.connect(NoTls),
+            Connector::Tls(tls) => config.connect(tls.clone()),
+        };
+        match attempt {
             Err(e)
                 if e.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
                     && std::time::Instant::now() + pause < until =>
@@ -203,6 +236,262 @@ fn connect_retrying(config: &Config) -> std::result::Result<Client, postgres::Er
             }
             r => return r,
         }
+    }
+}
+
+/// A store URL's `sslmode`, libpq's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// The TLS settings of a store URL, which rust-postgres does not all parse
+/// (it knows neither `verify-ca`/`verify-full` nor `sslrootcert`).
+#[derive(Debug, PartialEq, Eq)]
+struct Tls {
+    mode: TlsMode,
+    root_cert: Option<String>,
+}
+
+enum Connector {
+    Plain,
+    Tls(MakeRustlsConnect),
+}
+
+/// Splits `sslmode` and `sslrootcert` out of a `postgres://` URL's query:
+/// the URL without them, and the settings (the last of each wins, as in
+/// libpq).
+fn split_tls(url: &str) -> std::result::Result<(String, Tls), String> {
+    let mut tls = Tls {
+        mode: TlsMode::Prefer,
+        root_cert: None,
+    };
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), tls));
+    };
+    let mut kept = Vec::new();
+    for param in query.split('&') {
+        let (key, value) = param.split_once('=').unwrap_or((param, ""));
+        match key {
+            "sslmode" => {
+                tls.mode = match percent_decode(value)?.as_str() {
+                    "disable" => TlsMode::Disable,
+                    "prefer" => TlsMode::Prefer,
+                    "require" => TlsMode::Require,
+                    "verify-ca" => TlsMode::VerifyCa,
+                    "verify-full" => TlsMode::VerifyFull,
+                    other => {
+                        return Err(format!(
+                            "sslmode={} is not supported; use disable, prefer, require, verify-ca or verify-full",
+                            other.escape_debug()
+                        ));
+                    }
+                }
+            }
+            "sslrootcert" => tls.root_cert = Some(percent_decode(value)?),
+            _ => kept.push(param),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((rest, tls))
+}
+
+/// `%XX` escapes decoded (a URL's query value).
+fn percent_decode(s: &str) -> std::result::Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad %-escape in '{}'", s.escape_debug()))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("'{}' is not UTF-8", s.escape_debug()))
+}
+
+impl Tls {
+    /// Sets `config`'s TLS mode and builds the connector for it.
+    fn connector(&self, config: &mut Config) -> std::result::Result<Connector, String> {
+        config.ssl_mode(match self.mode {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::Prefer => SslMode::Prefer,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+        });
+        if self.mode == TlsMode::Disable {
+            return Ok(Connector::Plain);
+        }
+        let verify = matches!(self.mode, TlsMode::VerifyCa | TlsMode::VerifyFull);
+        // libpq's default root certificate, used when it exists.
+        let default_root = std::env::var_os("HOME")
+            .map(|h| std::path::Path::new(&h).join(".postgresql/root.crt"))
+            .filter(|p| p.is_file())
+            .map(|p| p.to_string_lossy().into_owned());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match self.root_cert.clone().or(default_root) {
+            None if verify => {
+                return Err(format!(
+                    "sslmode={} needs a root certificate: add sslrootcert=PATH",
+                    if self.mode == TlsMode::VerifyCa {
+                        "verify-ca"
+                    } else {
+                        "verify-full"
+                    }
+                ));
+            }
+            // No root certificate: encrypted, the certificate not checked.
+            None => Arc::new(Unchecked(provider.clone())),
+            Some(path) => {
+                use rustls::pki_types::pem::PemObject;
+                let pem = std::fs::read(&path)
+                    .map_err(|e| format!("sslrootcert {}: {e}", path.escape_debug()))?;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem).flatten() {
+                    let _ = roots.add(cert);
+                }
+                if roots.is_empty() {
+                    return Err(format!(
+                        "sslrootcert {}: no PEM certificate in it",
+                        path.escape_debug()
+                    ));
+                }
+                let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| format!("sslrootcert {}: {e}", path.escape_debug()))?;
+                Arc::new(ChainChecked {
+                    chain,
+                    host_name: self.mode == TlsMode::VerifyFull,
+                })
+            }
+        };
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("setting up TLS: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(Connector::Tls(MakeRustlsConnect::new(config)))
+    }
+}
+
+/// A certificate taken unchecked (`prefer`/`require` without a root
+/// certificate, as libpq); the handshake's signatures are still verified.
+#[derive(Debug)]
+struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
+
+/// The chain checked against the root certificates; the host name only
+/// for `verify-full`.
+#[derive(Debug)]
+struct ChainChecked {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    host_name: bool,
+}
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for ChainChecked {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        use rustls::{CertificateError, Error};
+        match self
+            .chain
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            // The chain is good; only the name differs (verify-ca).
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if !self.host_name => Ok(ServerCertVerified::assertion()),
+            r => r,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
     }
 }
 
@@ -270,9 +559,47 @@ mod tests {
         let e = connect("mysql://u:pw@h/db", "runner").err().unwrap();
         assert!(matches!(e, PgError::BadUrl { .. }));
         assert!(!e.to_string().contains("pw@"), "{e}");
-        let e = connect("postgres://u:pw@h/db?sslmode=require", "runner")
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("sslmode=require"), "{e}");
+        for (url, says) in [
+            (
+                "postgres://u:pw@h/db?sslmode=allow",
+                "sslmode=allow is not supported",
+            ),
+            (
+                "postgres://u:pw@h/db?sslmode=bogus",
+                "sslmode=bogus is not supported",
+            ),
+            (
+                "postgres://u:pw@h/db?sslmode=verify-full&sslrootcert=/nonexistent/root.crt",
+                "sslrootcert /nonexistent/root.crt",
+            ),
+        ] {
+            let e = connect(url, "runner").err().unwrap();
+            assert!(matches!(e, PgError::BadUrl { .. }), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+            assert!(!e.to_string().contains("pw@"), "{e}");
+            assert_eq!(e.to_string().lines().count(), 1, "{e}");
+        }
+    }
+
+    #[test]
+    fn tls_settings_are_split_out_of_the_url() {
+        let (rest, tls) =
+            split_tls("postgres://u@h/db?sslmode=verify-ca&connect_timeout=3&sslrootcert=%2Fa%20b")
+                .unwrap();
+        assert_eq!(rest, "postgres://u@h/db?connect_timeout=3");
+        assert_eq!(
+            tls,
+            Tls {
+                mode: TlsMode::VerifyCa,
+                root_cert: Some("/a b".into())
+            }
+        );
+        let (rest, tls) = split_tls("postgres://u@h/db?sslmode=disable").unwrap();
+        assert_eq!(rest, "postgres://u@h/db");
+        assert_eq!(tls.mode, TlsMode::Disable);
+        let (rest, tls) = split_tls("postgres://u@h/db").unwrap();
+        assert_eq!(rest, "postgres://u@h/db");
+        assert_eq!(tls.mode, TlsMode::Prefer);
+        assert!(split_tls("postgres://u@h/db?sslrootcert=%zz").is_err());
     }
 }

@@ -159,6 +159,15 @@ CREATE INDEX idx_leases_expiry ON leases(expires_at);
 /// that several hosts opening at once migrate exactly once. Refuses a
 /// schema that holds tables but is not ours, and one from a newer runner.
 pub fn migrate(client: &mut Client, url: &str, schema: &str) -> Result<()> {
+    // The common case, a current schema, costs one read and no lock (the
+    // connection's search_path is `schema` alone).
+    if let Ok(Some(row)) = client.query_opt(
+        "SELECT value FROM runner_meta WHERE key = 'schema_version'",
+        &[],
+    ) && row.try_get::<_, String>(0).ok().as_deref() == Some(&SCHEMA_VERSION.to_string())
+    {
+        return Ok(());
+    }
     let shown = super::redact(url);
     let mut tx = client
         .transaction()
