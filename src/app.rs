@@ -207,6 +207,7 @@ async fn run_turn(ctx: &Ctx, t: TurnArgs) -> Result<TurnSummary> {
         grace: t.grace,
         deadline: t.deadline,
         progress,
+        finished_is_nothing: false,
     };
     turn::run(ctx, req, abort_on_signals()).await
 }

@@ -58,7 +58,7 @@ impl FleetLease {
     /// Writes nothing else: a lost lease deletes nothing of the new holder's.
     pub fn release(mut self, db: &Db) {
         if let Some(r) = self.renewer.take() {
-            r.stop();
+            r.stop(false);
         }
         db.set_fence(None);
         let _ = leases::release(db, &self.agent, self.token);
@@ -66,9 +66,12 @@ impl FleetLease {
 }
 
 impl Drop for FleetLease {
+    /// A lease dropped without [`FleetLease::release`] (an early return, an
+    /// error) is released by the renewing thread on its own connection, so
+    /// no row outlives its holder until it expires.
     fn drop(&mut self) {
         if let Some(r) = self.renewer.take() {
-            r.stop();
+            r.stop(true);
         }
     }
 }
@@ -239,7 +242,8 @@ pub fn renew_every(ctx: &Ctx) -> Duration {
 /// fence's `lost` when a renewal is refused or none succeeded before the
 /// lease's expiry.
 struct Renewer {
-    stop: Sender<()>,
+    /// `true`: delete the row before stopping.
+    stop: Sender<bool>,
     handle: std::thread::JoinHandle<()>,
 }
 
@@ -258,8 +262,8 @@ impl Renewer {
         Some(Renewer { stop, handle })
     }
 
-    fn stop(self) {
-        let _ = self.stop.send(());
+    fn stop(self, release: bool) {
+        let _ = self.stop.send(release);
         let _ = crate::store::db::off_runtime(|| self.handle.join());
     }
 }
@@ -270,7 +274,7 @@ fn renew_loop(
     fence: &Fence,
     every: Duration,
     ttl: Duration,
-    stopped: &Receiver<()>,
+    stopped: &Receiver<bool>,
 ) {
     // The lease was taken (or last renewed) no earlier than this.
     let mut valid_until = std::time::Instant::now() + ttl;
@@ -278,6 +282,13 @@ fn renew_loop(
     loop {
         match stopped.recv_timeout(every) {
             Err(RecvTimeoutError::Timeout) => {}
+            Ok(true) => {
+                let conn = db.or_else(|| crate::store::pg::connect(url, schema).ok().map(Db::pg));
+                if let Some(conn) = conn {
+                    let _ = leases::release(&conn, &fence.agent, fence.token);
+                }
+                return;
+            }
             _ => return,
         }
         let attempt = std::time::Instant::now();

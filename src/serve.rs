@@ -211,11 +211,34 @@ fn schedule(
     }
     let store = ctx.store()?;
     let now = Instant::now();
-    for agent in mailstore::agents_with_due(&store.conn, &clock::now())? {
+    let mut due = mailstore::agents_with_due(&store.conn, &clock::now())?;
+    // Fleet mode: agents whose lease another host holds are not tried, and
+    // hosts start from different places among the oldest due agents, so
+    // that they do not all race for the same ones.
+    let leased: std::collections::HashSet<String> = if store.conn.is_pg() {
+        let k = due.len().min(64);
+        if k > 1 {
+            let r = crate::os::random_alnum(2)
+                .bytes()
+                .fold(0usize, |a, b| a * 256 + b as usize);
+            due[..k].rotate_left(r % k);
+        }
+        crate::store::leases::list(&store.conn)?
+            .into_iter()
+            .filter(|l| !l.expired)
+            .map(|l| l.agent_name)
+            .collect()
+    } else {
+        Default::default()
+    };
+    for agent in due {
         if running.len() >= opts.max_concurrent {
             break;
         }
-        if running.contains_key(&agent) || backoff.get(&agent).is_some_and(|b| now < b.until) {
+        if running.contains_key(&agent)
+            || backoff.get(&agent).is_some_and(|b| now < b.until)
+            || leased.contains(&agent)
+        {
             continue;
         }
         let Some(s) = sessions::get(&store.conn, &agent)? else {
@@ -238,6 +261,8 @@ fn schedule(
         let req = TurnRequest {
             agent: agent.clone(),
             wait: Duration::ZERO,
+            // Another host may have finished the agent since we looked.
+            finished_is_nothing: true,
             stall: opts.stall,
             grace: Some(opts.grace),
             ..Default::default()

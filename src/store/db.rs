@@ -368,7 +368,8 @@ impl PgConn {
         let Some(f) = self.fence.clone() else {
             return Ok(());
         };
-        let rows = off_runtime(|| self.client().query(FENCE_SQL, &[&f.agent, &f.token]))?;
+        let st = self.statement(FENCE_SQL)?;
+        let rows = off_runtime(|| self.client().query(&st, &[&f.agent, &f.token]))?;
         if rows.is_empty() {
             f.lost.send_replace(true);
             return Err(DbError::Fenced {

@@ -65,6 +65,9 @@ pub struct TurnRequest {
     pub grace: Option<Duration>,
     pub deadline: Option<Duration>,
     pub progress: Option<ProgressFn>,
+    /// An agent found `completed` or `zombie` is "nothing to deliver", not
+    /// an error (`serve`: another host may have finished it since it looked).
+    pub finished_is_nothing: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

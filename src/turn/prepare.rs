@@ -105,7 +105,13 @@ pub async fn prepare(
     let wait_until = Instant::now() + req.wait;
     // 1. Check the name, open the stores, read the session.
     let store = ctx.store()?;
-    let (session, cap) = load_runnable(ctx, &store, agent)?;
+    let (session, cap) = match load_runnable(ctx, &store, agent) {
+        Err(e) if req.finished_is_nothing && finished(&store, agent)? => {
+            let _ = e;
+            return Ok(Prepared::Early(Box::new(TurnSummary::nothing(agent))));
+        }
+        r => r?,
+    };
     // 2. Work out the input (a cheap early exit; step 4 decides for real).
     if nothing_to_deliver(&store, req)? {
         return Ok(Prepared::Early(Box::new(TurnSummary::nothing(agent))));
@@ -152,6 +158,9 @@ pub async fn prepare(
     crate::sweep::reclaim(ctx, &mut store, agent, &cap)?;
     let session = match sessions::get(&store.conn, agent)? {
         Some(s) => {
+            if req.finished_is_nothing && refuse_finished(&s).is_err() {
+                return Ok(Prepared::Early(Box::new(TurnSummary::nothing(agent))));
+            }
             refuse_finished(&s)?;
             s
         }
@@ -206,6 +215,13 @@ pub async fn prepare(
         log,
         row,
     })))
+}
+
+/// Is the agent `completed` or `zombie` now?
+fn finished(store: &Store, agent: &str) -> Result<bool> {
+    Ok(sessions::get(&store.conn, agent)?
+        .and_then(|s| s.state())
+        .is_some_and(crate::state::State::is_finished))
 }
 
 /// No `--message` and no due mail (or `--no-mail`).

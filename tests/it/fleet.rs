@@ -483,3 +483,24 @@ fn serve_on_three_hosts_drains_a_mixed_fleet_exactly_once_without_overlap() {
     assert!(busy_hosts.len() >= 2, "{busy_hosts:?}");
     assert_eq!(a.i64("sessions.db", "SELECT COUNT(*) FROM leases"), 0);
 }
+
+#[test]
+fn a_turn_that_fails_after_taking_the_lease_leaves_no_row_behind() {
+    let Some(a) = fleet() else { return };
+    a.agent("w", "builder", None, &[]);
+    // A runtime the runner does not know is only found out once the lease
+    // is held (SPEC §6.1 step 4).
+    a.db("sessions.db")
+        .execute(
+            "UPDATE sessions SET runtime = 'bogus' WHERE agent_name = 'w'",
+            params![],
+        )
+        .unwrap();
+    let r = a.run(["turn", "--agent", "w", "--message", "hi"]);
+    assert_eq!(r.code(), 2, "{}", r.stderr());
+    assert_eq!(
+        a.i64("sessions.db", "SELECT COUNT(*) FROM leases"),
+        0,
+        "the row is released with the turn, not left to expire"
+    );
+}
