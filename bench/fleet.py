@@ -152,11 +152,12 @@ def fake(*args):
 
 
 def add_agent(root, name, command, capability="builder", floating=False, worktree=None):
-    """`agent add`; with floating=True passes `--host '*'` (SPEC §12.2) when
-    this binary knows the flag, else registers without it (noted once)."""
+    """`agent add`; with floating=True passes `--host '*'` (SPEC §12.2) on
+    PostgreSQL when this binary knows the flag, else registers without it
+    (noted once). SQLite is one host: every agent floats there."""
     global HOST_FLAG
     argv = ["agent", "add", name, "--capability", capability, "--worktree", worktree or root.path]
-    if floating and HOST_FLAG is not False:
+    if floating and root.backend == "postgres" and HOST_FLAG is not False:
         r = root.run(*argv, "--host", "*", "--command", *command, check=False)
         if r.returncode == 0:
             HOST_FLAG = True
