@@ -311,16 +311,15 @@ pub struct Fence {
     pub lost: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-/// Checks that a fence's token is current; locks the lease row against the
-/// sweep until the transaction ends.
-const FENCE_SQL: &str = "SELECT 1 FROM leases WHERE agent_name = $1 AND token = $2 AND expires_at > now() FOR KEY SHARE";
-
 /// A PostgreSQL connection with its statement cache.
 pub struct PgConn {
     client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
     fence: Option<Fence>,
     in_tx: bool,
+    /// A statement every transaction begins with (the events writer's
+    /// `SET LOCAL synchronous_commit = off`).
+    begin_extra: Option<&'static str>,
     /// The store it belongs to (URL and schema), when it may be kept for
     /// reuse by this process once dropped ([`take_spare`]).
     spare_key: Option<String>,
@@ -358,19 +357,37 @@ impl PgConn {
             statements: HashMap::new(),
             fence: None,
             in_tx: false,
+            begin_extra: None,
             spare_key: None,
         }
     }
 
-    /// Inside a transaction: fails with [`DbError::Fenced`] (and fires the
-    /// fence's `lost`) unless the fence's token is still current.
-    fn check_fence(&mut self) -> DbResult<()> {
+    /// `BEGIN`, the connection's extra statement and, when fenced, the
+    /// fence check — one round trip. Fenced: [`DbError::Fenced`] (the
+    /// caller rolls back) and the fence's `lost` fires.
+    fn begin(&mut self) -> DbResult<()> {
+        let mut sql = String::from("BEGIN");
+        if let Some(extra) = self.begin_extra {
+            sql.push_str("; ");
+            sql.push_str(extra);
+        }
+        self.in_tx = true;
         let Some(f) = self.fence.clone() else {
-            return Ok(());
+            return Ok(off_runtime(|| self.client().batch_execute(&sql))?);
         };
-        let st = self.statement(FENCE_SQL)?;
-        let rows = off_runtime(|| self.client().query(&st, &[&f.agent, &f.token]))?;
-        if rows.is_empty() {
+        // Literals, not parameters, to share the round trip: the agent name
+        // is of the §1 pattern (no quote), the token a number.
+        sql.push_str(&format!(
+            "; SELECT 1 FROM leases WHERE agent_name = '{}' AND token = {} AND expires_at > now() FOR KEY SHARE",
+            f.agent.replace('\'', "''"),
+            f.token
+        ));
+        let msgs = off_runtime(|| self.client().simple_query(&sql))?;
+        let rows = msgs
+            .iter()
+            .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
+            .count();
+        if rows == 0 {
             f.lost.send_replace(true);
             return Err(DbError::Fenced {
                 agent: f.agent,
@@ -405,10 +422,8 @@ impl PgConn {
     fn execute(&mut self, sql: &str, params: &[&dyn ToValue]) -> DbResult<usize> {
         if self.fence.is_some() && !self.in_tx {
             // A fenced write outside a transaction: make it one that checks.
-            off_runtime(|| self.client().batch_execute("BEGIN"))?;
-            self.in_tx = true;
             let r = self
-                .check_fence()
+                .begin()
                 .and_then(|()| self.execute(sql, params))
                 .and_then(|n| {
                     off_runtime(|| self.client().batch_execute("COMMIT"))?;
@@ -440,6 +455,7 @@ impl Drop for PgConn {
                         statements: std::mem::take(&mut self.statements),
                         fence: None,
                         in_tx: false,
+                        begin_extra: None,
                         spare_key: Some(key),
                     });
                     None
@@ -503,6 +519,14 @@ impl Db {
     pub fn close(self) {
         if let Db::Pg(p) = &self {
             p.borrow_mut().spare_key = None;
+        }
+    }
+
+    /// A statement every later transaction on this PostgreSQL connection
+    /// begins with (in the same round trip); `None` lifts it.
+    pub fn set_begin_extra(&self, extra: Option<&'static str>) {
+        if let Db::Pg(p) = self {
+            p.borrow_mut().begin_extra = extra;
         }
     }
 
@@ -578,6 +602,47 @@ impl Db {
         self.query_opt(sql, params, f)?.ok_or(DbError::NoRow)
     }
 
+    /// PostgreSQL's `COPY … FROM STDIN` with `data` in COPY's text format;
+    /// returns the rows copied. On SQLite, a column error (not supported).
+    pub fn copy_in(&self, sql: &str, data: &[u8]) -> DbResult<u64> {
+        use std::io::Write;
+        match self {
+            Db::Sqlite(_) => Err(DbError::Column(0, "COPY is PostgreSQL's".into())),
+            Db::Pg(p) => {
+                let mut p = p.borrow_mut();
+                off_runtime(|| {
+                    let mut w = p.client().copy_in(sql)?;
+                    if let Err(e) = w.write_all(data) {
+                        return Err(DbError::Column(0, format!("COPY: {e}")));
+                    }
+                    Ok(w.finish()?)
+                })
+            }
+        }
+    }
+
+    /// PostgreSQL's `COPY … FROM STDIN`, its data written by `f` as it
+    /// goes (streamed to the server in pieces); returns the rows copied.
+    pub fn copy_stream(
+        &self,
+        sql: &str,
+        f: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> DbResult<u64> {
+        match self {
+            Db::Sqlite(_) => Err(DbError::Column(0, "COPY is PostgreSQL's".into())),
+            Db::Pg(p) => {
+                let mut p = p.borrow_mut();
+                off_runtime(|| {
+                    let mut w = p.client().copy_in(sql)?;
+                    if let Err(e) = f(&mut w) {
+                        return Err(DbError::Column(0, format!("COPY: {e}")));
+                    }
+                    Ok(w.finish()?)
+                })
+            }
+        }
+    }
+
     /// Statements without parameters, separated by `;`.
     pub fn execute_batch(&self, sql: &str) -> DbResult<()> {
         match self {
@@ -595,19 +660,9 @@ impl Db {
         &mut self,
         f: impl FnOnce(&Db) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        let begin = if self.is_pg() {
-            "BEGIN"
-        } else {
-            "BEGIN IMMEDIATE"
-        };
-        self.execute_batch(begin)?;
         let fenced = match self {
-            Db::Pg(p) => {
-                let mut p = p.borrow_mut();
-                p.in_tx = true;
-                p.check_fence()
-            }
-            Db::Sqlite(_) => Ok(()),
+            Db::Pg(p) => p.borrow_mut().begin(),
+            Db::Sqlite(c) => c.execute_batch("BEGIN IMMEDIATE").map_err(DbError::from),
         };
         let r = match fenced {
             Ok(()) => f(self),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::db::{Db, DbResult, Row, ToValue, params};
+use super::db::{Db, DbResult, Row, params};
 use super::{Backend, Ctx, Result, StoreError, immediate, open_conn, schema};
 
 /// One row for `events`, without the columns common to a turn.
@@ -128,13 +128,6 @@ fn insert_sql(verb: &str, n: usize) -> String {
     sql
 }
 
-/// The statement for `n` (1..=[`CHUNK`]) rows, built on first use.
-fn chunk_sql(n: usize) -> &'static str {
-    static SQL: [std::sync::OnceLock<String>; CHUNK + 1] =
-        [const { std::sync::OnceLock::new() }; CHUNK + 1];
-    SQL[n].get_or_init(|| insert_sql("INSERT", n))
-}
-
 /// SQLite's statement for `n` rows: `INSERT OR FAIL`. A multi-row `INSERT`
 /// (ABORT) must be able to undo its own earlier rows, so SQLite keeps a
 /// statement journal of every page it touches; FAIL keeps them instead.
@@ -207,6 +200,12 @@ fn write_batches(
         Some(conn) => insert_sqlite(conn, tag, batches, starts)?,
         None => insert_pg(db, tag, batches)?,
     }
+    if db.is_pg() {
+        let ended: Vec<(ToolStartRef, i64)> = all()
+            .filter_map(|r| Some((r.tool_start?, r.tool_duration_ms?)))
+            .collect();
+        return durations_pg(db, tag, &ended).map(|()| all().count());
+    }
     let mut written = 0;
     for r in all() {
         written += 1;
@@ -270,30 +269,94 @@ fn insert_sqlite(
 /// PostgreSQL: the same multi-row INSERT through the store seam (a
 /// `tool_start` row is found by its line for the duration).
 fn insert_pg(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<()> {
+    // One COPY per commit: the server parses no statement and binds no
+    // parameter per row (several times the rows/s of multi-row INSERTs).
+    let mut text = String::new();
     for b in batches {
-        for chunk in b.rows.chunks(CHUNK) {
-            let mut values: Vec<&dyn ToValue> = vec![
-                &tag.run_id,
-                &tag.agent_name,
-                &tag.turn_id,
-                &b.session_id,
-                &b.created_at,
-            ];
-            for r in chunk {
-                values.extend_from_slice(params![
-                    r.event_type,
-                    r.tool_name,
-                    r.tool_args,
-                    r.tool_duration_ms,
-                    r.level,
-                    r.data,
-                    r.line_no
-                ]);
-            }
-            db.execute(chunk_sql(chunk.len()), &values)
-                .ctx("writing events")?;
-        }
+        copy_text(&mut text, tag, b);
     }
+    db.copy_in(COPY_EVENTS, text.as_bytes())
+        .ctx("writing events")?;
+    Ok(())
+}
+
+const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id, created_at, \
+    event_type, tool_name, tool_args, tool_duration_ms, level, data, line_no) FROM STDIN";
+
+/// Appends a batch's rows in COPY's text format.
+fn copy_text(text: &mut String, tag: &TurnTag, b: &Batch) {
+    let opt = |out: &mut String, v: Option<&str>| match v {
+        Some(v) => crate::store::pg::copy::escape_into(out, v),
+        None => out.push_str("\\N"),
+    };
+    let num = |out: &mut String, v: Option<i64>| match v {
+        Some(n) => out.push_str(&n.to_string()),
+        None => out.push_str("\\N"),
+    };
+    for r in &b.rows {
+        opt(text, tag.run_id.as_deref());
+        text.push('\t');
+        opt(text, Some(&tag.agent_name));
+        text.push('\t');
+        opt(text, Some(&tag.turn_id));
+        text.push('\t');
+        opt(text, b.session_id.as_deref());
+        text.push('\t');
+        opt(text, Some(&b.created_at));
+        text.push('\t');
+        opt(text, Some(r.event_type));
+        text.push('\t');
+        opt(text, r.tool_name.as_deref());
+        text.push('\t');
+        opt(text, r.tool_args.as_deref());
+        text.push('\t');
+        num(text, r.tool_duration_ms);
+        text.push('\t');
+        opt(text, Some(r.level));
+        text.push('\t');
+        opt(text, Some(&r.data));
+        text.push('\t');
+        num(text, r.line_no);
+        text.push('\n');
+    }
+}
+
+/// PostgreSQL: copies the durations of the calls that ended in `batches`
+/// onto their `tool_start` rows in one statement (a line's first call; a
+/// second call of the same line, rare, one statement each) — not two round
+/// trips per call.
+fn durations_pg(db: &Db, tag: &TurnTag, ended: &[(ToolStartRef, i64)]) -> Result<()> {
+    let (mut lines, mut durations) = (String::new(), String::new());
+    for &(at, ms) in ended {
+        if at.nth > 0 {
+            if let Some(id) = start_id(db, tag, at)? {
+                db.execute(
+                    "UPDATE events SET tool_duration_ms=?1 WHERE id=?2",
+                    params![ms, id],
+                )
+                .ctx("writing a tool duration")?;
+            }
+            continue;
+        }
+        if !lines.is_empty() {
+            lines.push(',');
+            durations.push(',');
+        }
+        lines.push_str(&at.line_no.to_string());
+        durations.push_str(&ms.to_string());
+    }
+    if lines.is_empty() {
+        return Ok(());
+    }
+    db.execute(
+        "UPDATE events e SET tool_duration_ms = v.ms \
+         FROM (SELECT unnest(string_to_array(?2, ','))::bigint AS line_no, \
+                      unnest(string_to_array(?3, ','))::bigint AS ms) AS v \
+         WHERE e.id = (SELECT MIN(s.id) FROM events s WHERE s.turn_id = ?1 \
+                       AND s.line_no = v.line_no AND s.event_type = 'tool_start')",
+        params![tag.turn_id, lines, durations],
+    )
+    .ctx("writing tool durations")?;
     Ok(())
 }
 
@@ -331,7 +394,14 @@ impl Writer {
             .name(format!("events-{}", tag.agent_name))
             .spawn(move || {
                 let mut conn = conn;
+                // The writer's commits need not wait for their own WAL
+                // flush: the turn's end (a synchronous commit, later in the
+                // same WAL) flushes them too, and a server crash before that
+                // loses only lines `stdout.ndjson` still holds, which the
+                // sweep replays (line_no above the last stored).
+                conn.set_begin_extra(Some("SET LOCAL synchronous_commit = off"));
                 let r = run_writer(&mut conn, tag, rx);
+                conn.set_begin_extra(None);
                 (r, conn)
             })
             .map_err(|e| StoreError::Io {
@@ -377,7 +447,63 @@ impl Writer {
     }
 }
 
+/// PostgreSQL's writer: each commit is one COPY streamed as the batches
+/// arrive (the server inserts rows while the next lines are still being
+/// read, instead of waiting for a whole commit's worth), closed at 512 rows
+/// or [`COMMIT_EVERY`] after its first row, then the calls' durations and
+/// the commit. The transaction starts with the first row, never idle.
+fn run_writer_pg(conn: &mut Db, tag: &TurnTag, rx: &Receiver<Batch>) -> Result<u64> {
+    use std::io::Write;
+    let mut total = 0u64;
+    loop {
+        let Ok(first) = rx.recv() else {
+            return Ok(total);
+        };
+        let mut closed = false;
+        let mut ended: Vec<(ToolStartRef, i64)> = Vec::new();
+        let rows = immediate(conn, "writing events", |tx| {
+            let due = Instant::now() + COMMIT_EVERY;
+            let mut rows = 0usize;
+            let mut text = String::new();
+            tx.copy_stream(COPY_EVENTS, |w| {
+                let mut take = |b: &Batch, w: &mut dyn Write| {
+                    text.clear();
+                    copy_text(&mut text, tag, b);
+                    ended.extend(
+                        b.rows
+                            .iter()
+                            .filter_map(|r| Some((r.tool_start?, r.tool_duration_ms?))),
+                    );
+                    w.write_all(text.as_bytes()).map(|()| b.rows.len())
+                };
+                rows += take(&first, w)?;
+                while rows < MAX_ROWS_PER_COMMIT {
+                    match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                        Ok(b) => rows += take(&b, w)?,
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .ctx("writing events")?;
+            durations_pg(tx, tag, &ended)?;
+            Ok(rows)
+        })?;
+        total += rows as u64;
+        if closed {
+            return Ok(total);
+        }
+    }
+}
+
 fn run_writer(conn: &mut Db, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
+    if conn.is_pg() {
+        return run_writer_pg(conn, &tag, &rx);
+    }
     let mut total = 0u64;
     let mut starts = StartIds::default();
     let mut pending: Vec<Batch> = Vec::new();

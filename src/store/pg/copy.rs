@@ -225,7 +225,8 @@ fn push_copy_value(out: &mut String, v: ValueRef<'_>) {
     }
 }
 
-fn escape_into(out: &mut String, s: &str) {
+/// `s` in COPY's text format (see [`push_copy_value`]).
+pub(crate) fn escape_into(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
