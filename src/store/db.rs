@@ -319,7 +319,7 @@ pub struct PgConn {
     in_tx: bool,
     /// A statement every transaction begins with (the events writer's
     /// `SET LOCAL synchronous_commit = off`).
-    begin_extra: Option<&'static str>,
+    begin_extra: Option<String>,
     /// The store it belongs to (URL and schema), when it may be kept for
     /// reuse by this process once dropped ([`take_spare`]).
     spare_key: Option<String>,
@@ -367,7 +367,7 @@ impl PgConn {
     /// caller rolls back) and the fence's `lost` fires.
     fn begin(&mut self) -> DbResult<()> {
         let mut sql = String::from("BEGIN");
-        if let Some(extra) = self.begin_extra {
+        if let Some(extra) = &self.begin_extra {
             sql.push_str("; ");
             sql.push_str(extra);
         }
@@ -524,7 +524,7 @@ impl Db {
 
     /// A statement every later transaction on this PostgreSQL connection
     /// begins with (in the same round trip); `None` lifts it.
-    pub fn set_begin_extra(&self, extra: Option<&'static str>) {
+    pub fn set_begin_extra(&self, extra: Option<String>) {
         if let Db::Pg(p) = self {
             p.borrow_mut().begin_extra = extra;
         }
@@ -613,28 +613,6 @@ impl Db {
                 off_runtime(|| {
                     let mut w = p.client().copy_in(sql)?;
                     if let Err(e) = w.write_all(data) {
-                        return Err(DbError::Column(0, format!("COPY: {e}")));
-                    }
-                    Ok(w.finish()?)
-                })
-            }
-        }
-    }
-
-    /// PostgreSQL's `COPY … FROM STDIN`, its data written by `f` as it
-    /// goes (streamed to the server in pieces); returns the rows copied.
-    pub fn copy_stream(
-        &self,
-        sql: &str,
-        f: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
-    ) -> DbResult<u64> {
-        match self {
-            Db::Sqlite(_) => Err(DbError::Column(0, "COPY is PostgreSQL's".into())),
-            Db::Pg(p) => {
-                let mut p = p.borrow_mut();
-                off_runtime(|| {
-                    let mut w = p.client().copy_in(sql)?;
-                    if let Err(e) = f(&mut w) {
                         return Err(DbError::Column(0, format!("COPY: {e}")));
                     }
                     Ok(w.finish()?)

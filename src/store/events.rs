@@ -269,8 +269,8 @@ fn insert_sqlite(
 /// PostgreSQL: the same multi-row INSERT through the store seam (a
 /// `tool_start` row is found by its line for the duration).
 fn insert_pg(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<()> {
-    // One COPY per commit: the server parses no statement and binds no
-    // parameter per row (several times the rows/s of multi-row INSERTs).
+    // One COPY per commit, sent whole (the transaction stays short): the
+    // server parses no statement and binds no parameter per row.
     let mut text = String::new();
     for b in batches {
         copy_text(&mut text, tag, b);
@@ -398,8 +398,14 @@ impl Writer {
                 // flush: the turn's end (a synchronous commit, later in the
                 // same WAL) flushes them too, and a server crash before that
                 // loses only lines `stdout.ndjson` still holds, which the
-                // sweep replays (line_no above the last stored).
-                conn.set_begin_extra(Some("SET LOCAL synchronous_commit = off"));
+                // sweep replays (line_no above the last stored). And a COPY
+                // is never "idle in transaction": should this host freeze
+                // mid-COPY, the statement timeout frees the lease row's lock
+                // the fleet sweep waits for (SPEC §12.3).
+                conn.set_begin_extra(Some(format!(
+                    "SET LOCAL synchronous_commit = off; SET LOCAL statement_timeout = {}",
+                    crate::store::pg::writer_statement_timeout_ms()
+                )));
                 let r = run_writer(&mut conn, tag, rx);
                 conn.set_begin_extra(None);
                 (r, conn)
@@ -447,63 +453,7 @@ impl Writer {
     }
 }
 
-/// PostgreSQL's writer: each commit is one COPY streamed as the batches
-/// arrive (the server inserts rows while the next lines are still being
-/// read, instead of waiting for a whole commit's worth), closed at 512 rows
-/// or [`COMMIT_EVERY`] after its first row, then the calls' durations and
-/// the commit. The transaction starts with the first row, never idle.
-fn run_writer_pg(conn: &mut Db, tag: &TurnTag, rx: &Receiver<Batch>) -> Result<u64> {
-    use std::io::Write;
-    let mut total = 0u64;
-    loop {
-        let Ok(first) = rx.recv() else {
-            return Ok(total);
-        };
-        let mut closed = false;
-        let mut ended: Vec<(ToolStartRef, i64)> = Vec::new();
-        let rows = immediate(conn, "writing events", |tx| {
-            let due = Instant::now() + COMMIT_EVERY;
-            let mut rows = 0usize;
-            let mut text = String::new();
-            tx.copy_stream(COPY_EVENTS, |w| {
-                let mut take = |b: &Batch, w: &mut dyn Write| {
-                    text.clear();
-                    copy_text(&mut text, tag, b);
-                    ended.extend(
-                        b.rows
-                            .iter()
-                            .filter_map(|r| Some((r.tool_start?, r.tool_duration_ms?))),
-                    );
-                    w.write_all(text.as_bytes()).map(|()| b.rows.len())
-                };
-                rows += take(&first, w)?;
-                while rows < MAX_ROWS_PER_COMMIT {
-                    match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                        Ok(b) => rows += take(&b, w)?,
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => {
-                            closed = true;
-                            break;
-                        }
-                    }
-                }
-                Ok(())
-            })
-            .ctx("writing events")?;
-            durations_pg(tx, tag, &ended)?;
-            Ok(rows)
-        })?;
-        total += rows as u64;
-        if closed {
-            return Ok(total);
-        }
-    }
-}
-
 fn run_writer(conn: &mut Db, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
-    if conn.is_pg() {
-        return run_writer_pg(conn, &tag, &rx);
-    }
     let mut total = 0u64;
     let mut starts = StartIds::default();
     let mut pending: Vec<Batch> = Vec::new();

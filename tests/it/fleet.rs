@@ -51,6 +51,17 @@ fn add_agent(h: &TestRoot, name: &str, host: Option<&str>, fake: &[&str]) {
     h.run(args).status(0);
 }
 
+/// Kills a frozen process when dropped (a failed test must not leave it
+/// stopped, holding its database sessions).
+struct Thaw(u32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        signal(self.0, Signal::SIGCONT);
+        signal(self.0, Signal::SIGKILL);
+    }
+}
+
 fn alive(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -129,6 +140,8 @@ fn a_frozen_host_is_repaired_after_lease_ttl_and_grace_and_exits_75_on_resume() 
         .unwrap();
     // Freeze host a's runner: its renewals stop, its agent goes on.
     signal(runner.id(), Signal::SIGSTOP);
+    // Should an assertion fail while it is frozen, it must not stay so.
+    let thaw = Thaw(runner.id());
     // Host b repairs it once lease_ttl + grace have passed by the database's
     // clock — not before.
     let first = sweep(&b);
@@ -159,6 +172,7 @@ fn a_frozen_host_is_repaired_after_lease_ttl_and_grace_and_exits_75_on_resume() 
     // Resumed, host a's runner finds its lease lost: it ends its agent,
     // writes nothing and exits 75.
     signal(runner.id(), Signal::SIGCONT);
+    std::mem::forget(thaw);
     let out = wait_child(runner, Duration::from_secs(20));
     let stderr = spawned_stderr(&a);
     assert_eq!(out.status.code(), Some(75), "{stderr}");

@@ -36,8 +36,10 @@ impl PgSchema {
 impl Drop for PgSchema {
     fn drop(&mut self) {
         if let Ok(mut c) = connect(&self.url) {
+            // A session left holding a lock (a test that failed with a
+            // frozen runner) must not hang the suite: give up after 10 s.
             let _ = c.batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{}\" CASCADE",
                 self.schema
             ));
         }

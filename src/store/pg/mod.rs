@@ -203,6 +203,15 @@ pub fn set_idle_in_transaction_timeout(grace: Duration) {
     IDLE_TX_TIMEOUT_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The events writer's `statement_timeout` in ms: a COPY of at most 512
+/// rows takes milliseconds, so a statement still running after this long
+/// belongs to a frozen host — but at least 5 s, for a loaded machine.
+pub fn writer_statement_timeout_ms() -> u64 {
+    IDLE_TX_TIMEOUT_MS
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .max(5_000)
+}
+
 /// How long a connection is retried while the server is out of connection
 /// slots (a burst of short-lived commands) before giving up as busy.
 const SLOTS_WAIT: Duration = Duration::from_secs(20);
