@@ -211,6 +211,12 @@ pub fn agent_add(ctx: &Ctx, req: AddRequest) -> Result<Session> {
         }
         Ok(Ok(()))
     })??;
+    // The root's other stores exist once an agent does: creating a
+    // database (its journal, WAL and fsyncs) is setup, not a turn's work.
+    if !store.conn.is_pg() {
+        crate::store::events::open(&ctx.root.dir)?;
+        crate::store::metrics::create(&ctx.root.dir)?;
+    }
     sessions::get(&store.conn, &req.name)?
         .ok_or_else(|| crate::error::Error::Internal("agent vanished".into()))
 }

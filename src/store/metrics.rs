@@ -18,6 +18,14 @@ use super::turns::TurnRow;
 use super::{Ctx, Result, immediate_sqlite, open_conn, schema};
 use crate::clock;
 
+/// Creates (or upgrades) `metrics.db` under `root`: `agent add` does it,
+/// so that the agent's first turn does not pay for creating a database.
+pub fn create(root: &Path) -> Result<()> {
+    let path = root.join("metrics.db");
+    let mut conn = open_conn(&path)?;
+    schema::migrate_metrics(&mut conn, &path)
+}
+
 /// Adds one finished turn to `metrics.db` under `root`; a turn without usage
 /// (no cost, no tokens) writes nothing and does not open the file.
 pub fn record_turn(root: &Path, session: &Session, turn: &TurnRow) -> Result<bool> {
