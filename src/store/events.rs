@@ -158,20 +158,28 @@ struct StartIds {
 const MAX_START_IDS: usize = 4096;
 
 impl StartIds {
+    /// The reference of `r` if it is a `tool_start` row: its line and its
+    /// rank among that line's starts (rows arrive in order, a line's rows
+    /// possibly across batches and commits).
+    fn next_ref(&mut self, r: &EventRow) -> Option<ToolStartRef> {
+        if r.event_type != "tool_start" {
+            return None;
+        }
+        let line_no = r.line_no?;
+        let nth = match self.prev {
+            Some(p) if p.line_no == line_no => p.nth + 1,
+            _ => 0,
+        };
+        let at = ToolStartRef { line_no, nth };
+        self.prev = Some(at);
+        Some(at)
+    }
+
     /// Notes the `tool_start` rows of a chunk just inserted, whose last row got `last_id`.
     fn note(&mut self, chunk: &[EventRow], last_id: i64) {
         let first_id = last_id - chunk.len() as i64 + 1;
         for (k, r) in chunk.iter().enumerate() {
-            if r.event_type != "tool_start" {
-                continue;
-            }
-            let Some(line_no) = r.line_no else { continue };
-            let nth = match self.prev {
-                Some(p) if p.line_no == line_no => p.nth + 1,
-                _ => 0,
-            };
-            let at = ToolStartRef { line_no, nth };
-            self.prev = Some(at);
+            let Some(at) = self.next_ref(r) else { continue };
             if self.ids.len() >= MAX_START_IDS {
                 self.ids.clear();
             }
@@ -196,16 +204,11 @@ fn write_batches(
             source: rusqlite::Error::ToSqlConversionFailure(why.into()),
         });
     }
-    match db.sqlite() {
-        Some(conn) => insert_sqlite(conn, tag, batches, starts)?,
-        None => insert_pg(db, tag, batches)?,
-    }
-    if db.is_pg() {
-        let ended: Vec<(ToolStartRef, i64)> = all()
-            .filter_map(|r| Some((r.tool_start?, r.tool_duration_ms?)))
-            .collect();
+    let Some(conn) = db.sqlite() else {
+        let ended = insert_pg(db, tag, batches, starts)?;
         return durations_pg(db, tag, &ended).map(|()| all().count());
-    }
+    };
+    insert_sqlite(conn, tag, batches, starts)?;
     let mut written = 0;
     for r in all() {
         written += 1;
@@ -268,23 +271,40 @@ fn insert_sqlite(
 
 /// PostgreSQL: the same multi-row INSERT through the store seam (a
 /// `tool_start` row is found by its line for the duration).
-fn insert_pg(db: &Db, tag: &TurnTag, batches: &[Batch]) -> Result<()> {
-    // One COPY per commit, sent whole (the transaction stays short): the
-    // server parses no statement and binds no parameter per row.
+/// PostgreSQL: one COPY per commit, sent whole (the transaction stays
+/// short): the server parses no statement and binds no parameter per row.
+/// A call that starts and ends within these batches gets its duration on
+/// its `tool_start` row as it is copied, instead of by an UPDATE after;
+/// returns the ends whose start was copied by an earlier commit.
+fn insert_pg(
+    db: &Db,
+    tag: &TurnTag,
+    batches: &[Batch],
+    starts: &mut StartIds,
+) -> Result<Vec<(ToolStartRef, i64)>> {
+    let all = || batches.iter().flat_map(|b| b.rows.iter());
+    let mut ended: std::collections::HashMap<ToolStartRef, i64> = all()
+        .filter_map(|r| Some((r.tool_start?, r.tool_duration_ms?)))
+        .collect();
     let mut text = String::new();
     for b in batches {
-        copy_text(&mut text, tag, b);
+        let known: Vec<Option<i64>> = b
+            .rows
+            .iter()
+            .map(|r| starts.next_ref(r).and_then(|at| ended.remove(&at)))
+            .collect();
+        copy_text(&mut text, tag, b, &known);
     }
     db.copy_in(COPY_EVENTS, text.as_bytes())
         .ctx("writing events")?;
-    Ok(())
+    Ok(ended.into_iter().collect())
 }
 
 const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id, created_at, \
     event_type, tool_name, tool_args, tool_duration_ms, level, data, line_no) FROM STDIN";
 
 /// Appends a batch's rows in COPY's text format.
-fn copy_text(text: &mut String, tag: &TurnTag, b: &Batch) {
+fn copy_text(text: &mut String, tag: &TurnTag, b: &Batch, known: &[Option<i64>]) {
     let opt = |out: &mut String, v: Option<&str>| match v {
         Some(v) => crate::store::pg::copy::escape_into(out, v),
         None => out.push_str("\\N"),
@@ -293,7 +313,7 @@ fn copy_text(text: &mut String, tag: &TurnTag, b: &Batch) {
         Some(n) => out.push_str(&n.to_string()),
         None => out.push_str("\\N"),
     };
-    for r in &b.rows {
+    for (k, r) in b.rows.iter().enumerate() {
         opt(text, tag.run_id.as_deref());
         text.push('\t');
         opt(text, Some(&tag.agent_name));
@@ -310,7 +330,7 @@ fn copy_text(text: &mut String, tag: &TurnTag, b: &Batch) {
         text.push('\t');
         opt(text, r.tool_args.as_deref());
         text.push('\t');
-        num(text, r.tool_duration_ms);
+        num(text, r.tool_duration_ms.or(known.get(k).copied().flatten()));
         text.push('\t');
         opt(text, Some(r.level));
         text.push('\t');
