@@ -65,6 +65,17 @@ fn a_lone_surrogate_in_the_result_line_is_read_as_u_fffd() {
 
 #[test]
 fn a_tool_duration_is_on_both_the_start_and_the_end_row() {
+    tool_durations_on_start_rows(true);
+}
+
+/// The same two calls, ended within the writer's first commit: the
+/// durations go onto the `tool_start` rows as they are written.
+#[test]
+fn a_tool_duration_is_on_its_start_row_when_both_are_in_one_commit() {
+    tool_durations_on_start_rows(false);
+}
+
+fn tool_durations_on_start_rows(pause: bool) {
     let t = TestRoot::new();
     // The pause lets the writer commit the tool_start row before the result
     // arrives (COMMIT_EVERY is 50 ms): the duration is then an UPDATE.
@@ -74,7 +85,7 @@ fn a_tool_duration_is_on_both_the_start_and_the_end_row() {
         &[
             r#"{"type":"system","subtype":"init","session_id":"s-tool"}"#,
             r#"{"type":"assistant","message":{"content":[{"type":"text","text":"two calls"},{"type":"tool_use","id":"t1","name":"Bash","input":{"command":"ls"}},{"type":"tool_use","id":"t2","name":"Read","input":{"path":"/x"}}]},"session_id":"s-tool"}"#,
-            "sleep 0.3",
+            if pause { "sleep 0.3" } else { "sleep 0" },
             r#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t2","content":"x"}]},"session_id":"s-tool"}"#,
             r#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t1","content":"ok","is_error":true}]},"session_id":"s-tool"}"#,
             r#"{"type":"result","subtype":"success","is_error":false,"result":"ok","session_id":"s-tool"}"#,
@@ -112,8 +123,10 @@ fn a_tool_duration_is_on_both_the_start_and_the_end_row() {
             "start row carries its call's duration: {rows:?}"
         );
     }
-    assert!(
-        rows[3].2.unwrap() >= 200,
-        "the pause is in the duration: {rows:?}"
-    );
+    if pause {
+        assert!(
+            rows[3].2.unwrap() >= 200,
+            "the pause is in the duration: {rows:?}"
+        );
+    }
 }
