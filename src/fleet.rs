@@ -163,7 +163,7 @@ pub async fn acquire(
     let mut pause = Duration::from_millis(20);
     loop {
         match try_take(ctx, store, agent, turn_id)? {
-            Take::Taken { token, .. } => return Ok(Some(held(ctx, agent, token))),
+            Take::Taken { token, .. } => return Ok(Some(held(ctx, store, agent, token))),
             Take::Busy(row) => {
                 let now = Instant::now();
                 if now >= until {
@@ -192,7 +192,7 @@ pub fn try_acquire_for_repair(
         return Err(busy(agent, &row).into());
     }
     match try_take(ctx, store, agent, None)? {
-        Take::Taken { token, .. } => Ok(Some(held(ctx, agent, token))),
+        Take::Taken { token, .. } => Ok(Some(held(ctx, store, agent, token))),
         Take::Busy(row) => Err(busy(agent, &row).into()),
     }
 }
@@ -210,13 +210,16 @@ fn busy(agent: &str, row: &LeaseRow) -> LeaseError {
     }
 }
 
-fn held(ctx: &Ctx, agent: &str, token: i64) -> FleetLease {
+/// The lease just taken: renewed from now on, and every later write on
+/// `store`'s connection fenced by it ([`FleetLease::release`] lifts it).
+fn held(ctx: &Ctx, store: &Store, agent: &str, token: i64) -> FleetLease {
     let (tx, rx) = watch::channel(false);
     let fence = Fence {
         agent: agent.into(),
         token,
         lost: Arc::new(tx),
     };
+    store.conn.set_fence(Some(fence.clone()));
     let renewer = Renewer::start(ctx, fence.clone());
     FleetLease {
         agent: agent.into(),

@@ -103,9 +103,6 @@ pub async fn stop(
     // holding the whole lease (in fleet mode the row too).
     let _lease = Lease::acquire(&lock, agent, wait).await?;
     let fleet = crate::fleet::acquire(ctx, &mut store, agent, None, wait).await?;
-    if let Some(f) = &fleet {
-        store.conn.set_fence(Some(f.fence.clone()));
-    }
     let r = stop_dead_turn(ctx, &mut store, agent, &s, grace, baseline, &mut rep).await;
     if let Some(f) = fleet {
         f.release(&store.conn);

@@ -513,9 +513,6 @@ fn sweep_one(
                 Err(e) if crate::turn::is_busy(&e) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            if let Some(f) = &fleet {
-                store.conn.set_fence(Some(f.fence.clone()));
-            }
             let cap =
                 capability::load(&ctx.root.dir, &s.capability).unwrap_or_else(|_| Capability {
                     name: s.capability.clone(),

@@ -152,9 +152,6 @@ pub async fn prepare(
             agent
         )))),
     };
-    if let Some(f) = &fleet {
-        store.conn.set_fence(Some(f.fence.clone()));
-    }
     crate::sweep::reclaim(ctx, &mut store, agent, &cap)?;
     let session = match sessions::get(&store.conn, agent)? {
         Some(s) => {
