@@ -624,3 +624,32 @@ fn commands_honour_sslmode_and_refuse_bad_ones_with_one_line() {
         assert!(!r.stderr().contains("hunter2"), "{}", r.stderr());
     }
 }
+
+/// A schema written by the first version (events with their
+/// `(agent_name, created_at)` index) is upgraded in place by the next
+/// command: the index goes, the rows stay, the version is the current one.
+#[test]
+fn a_version_1_schema_is_upgraded_and_keeps_its_rows() {
+    let Some(pg) = pg() else { return };
+    let mut c = runner::store::pg::connect(&pg.url, &pg.schema).unwrap();
+    runner::store::pg::schema::migrate(&mut c, &pg.url, &pg.schema).unwrap();
+    c.batch_execute(
+        "CREATE INDEX idx_events_agent_time ON events(agent_name, created_at);
+         INSERT INTO events (agent_name, event_type, created_at) VALUES ('old', 'custom', '2026-01-01T00:00:00.000Z');
+         UPDATE runner_meta SET value = '1' WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    let index = "SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'idx_events_agent_time' \
+                 AND schemaname = current_schema()";
+    assert_eq!(pg.i64(index), 1);
+    runner::store::pg::schema::migrate(&mut c, &pg.url, &pg.schema).unwrap();
+    assert_eq!(pg.i64(index), 0, "version 2 drops the index");
+    assert_eq!(
+        pg.i64("SELECT value::bigint FROM runner_meta WHERE key = 'schema_version'"),
+        runner::store::pg::schema::SCHEMA_VERSION
+    );
+    assert_eq!(
+        pg.i64("SELECT COUNT(*) FROM events WHERE agent_name = 'old'"),
+        1
+    );
+}

@@ -130,3 +130,60 @@ fn tool_durations_on_start_rows(pause: bool) {
         );
     }
 }
+
+/// Whatever bytes a line holds reach `events` as they were: tabs,
+/// backslashes, escapes, non-ASCII and a NUL in an extracted value (on
+/// PostgreSQL, whose `text` cannot hold NUL, it becomes U+FFFD, as in
+/// `store migrate`). On PostgreSQL these rows travel in COPY's binary format.
+#[test]
+fn every_kind_of_character_reaches_events_unchanged() {
+    let t = TestRoot::new();
+    let text_line = "{\"type\":\"assistant\",\"message\":{\"content\":[{\"type\":\"text\",\"text\":\"tab\\there \\\\ back \\\"q\\\" é ✓ 𝄞 \\n\\u0041\"}]},\"session_id\":\"s-chars\"}";
+    let tool_line = r#"{"type":"assistant","message":{"content":[{"type":"tool_use","id":"t1","name":"Na\u0000me\té","input":{"command":"a\tb"}}]},"session_id":"s-chars"}"#;
+    script_agent(
+        &t,
+        "b1",
+        &[
+            r#"{"type":"system","subtype":"init","session_id":"s-chars"}"#,
+            text_line,
+            tool_line,
+            r#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t1","content":"ok"}]},"session_id":"s-chars"}"#,
+            r#"{"type":"result","subtype":"success","is_error":false,"result":"ok","session_id":"s-chars"}"#,
+        ],
+    );
+    t.run(["turn", "--agent", "b1", "--message", "go", "--json"])
+        .status(0);
+    assert_eq!(
+        t.str(
+            "events.db",
+            "SELECT data FROM events WHERE event_type='progress'"
+        )
+        .as_deref(),
+        Some(text_line)
+    );
+    let (name, args, data, line_no): (String, String, String, i64) = t
+        .db("events.db")
+        .query_map(
+            "SELECT tool_name, tool_args, data, line_no FROM events WHERE event_type='tool_start'",
+            &[],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+        .remove(0);
+    let nul = if crate::testing_postgres() {
+        "\u{fffd}"
+    } else {
+        "\0"
+    };
+    assert_eq!(name, format!("Na{nul}me\té"));
+    assert!(args.contains("a\\tb"), "{args}");
+    assert_eq!(data, tool_line);
+    assert_eq!(line_no, 3);
+    assert_eq!(
+        t.i64(
+            "events.db",
+            "SELECT COUNT(*) FROM events WHERE tool_duration_ms IS NOT NULL AND event_type='tool_start'"
+        ),
+        1
+    );
+}

@@ -226,7 +226,7 @@ fn push_copy_value(out: &mut String, v: ValueRef<'_>) {
 }
 
 /// `s` in COPY's text format (see [`push_copy_value`]).
-pub(crate) fn escape_into(out: &mut String, s: &str) {
+fn escape_into(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {
             '\\' => out.push_str("\\\\"),

@@ -15,7 +15,7 @@ use postgres::Client;
 use super::{PgError, Result, query_error};
 
 /// Each migration moves the schema from its index to index + 1.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this runner writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -154,6 +154,12 @@ CREATE TABLE leases (
 );
 CREATE INDEX idx_leases_expiry ON leases(expires_at);
 ";
+
+/// Version 2: events lose the `(agent_name, created_at)` index. No query of
+/// runner's uses it (`events --agent` reads newest first by id, along the
+/// primary key), and keeping it up to date was a tenth of the server's work
+/// per ingested row (BENCHMARKS.md, issue 14).
+const V2: &str = "DROP INDEX IF EXISTS idx_events_agent_time;";
 
 /// Creates or upgrades `schema`, under a transaction-scoped advisory lock so
 /// that several hosts opening at once migrate exactly once. Refuses a
