@@ -60,12 +60,25 @@ pub async fn stop(
     // The mail baseline of the CAS: a turn that was still running then
     // settles as `stopped` and tells the parent itself, even when it has
     // released the lease by the time we look (LESSONS 13: one notifier).
-    let (cas, baseline) = store.tx("stopping the agent", |tx| {
+    // `completed → completed` is an allowed CAS: the state is read in the
+    // same transaction, so a turn that completed on its own since the read
+    // above (and told the parent itself) is not stopped a second time.
+    let (was, cas, baseline) = store.tx("stopping the agent", |tx| {
+        let was = sessions::current(tx, agent)?;
+        if was.as_deref() == Some(State::Completed.as_str()) {
+            return Ok((was, None, 0));
+        }
         Ok((
-            sessions::cas(tx, agent, State::Completed, &clock::now())?,
+            was,
+            Some(sessions::cas(tx, agent, State::Completed, &clock::now())?),
             mailstore::max_rowid(tx)?,
         ))
     })?;
+    let Some(cas) = cas else {
+        rep.previous_state = was.unwrap_or_default();
+        rep.message = format!("{agent} is already completed; nothing changed");
+        return Ok(rep);
+    };
     rep.changed = cas.applied();
     // Fleet mode: a turn running on another host cannot be signalled from
     // here; it reads `completed` when it settles and records `stopped`.
