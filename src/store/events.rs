@@ -203,17 +203,24 @@ impl StartIds {
         Some(at)
     }
 
-    /// Notes the `tool_start` rows of a chunk just inserted, whose last row got `last_id`.
-    fn note(&mut self, chunk: &[EventRow], last_id: i64) {
-        let first_id = last_id - chunk.len() as i64 + 1;
-        for (k, r) in chunk.iter().enumerate() {
-            let Some(at) = self.next_ref(r) else { continue };
-            if self.ids.len() >= MAX_START_IDS {
-                self.ids.clear();
-            }
-            self.ids.insert(at, first_id + k as i64);
+    /// Notes where a `tool_start` row went, for its `tool_end` in a later commit.
+    fn remember(&mut self, at: ToolStartRef, id: i64) {
+        if self.ids.len() >= MAX_START_IDS {
+            self.ids.clear();
         }
+        self.ids.insert(at, id);
     }
+}
+
+/// The calls that end within `batches`: their start and duration. Each is
+/// written onto its `tool_start` row as that row is inserted (when it is in
+/// the same commit) instead of by an UPDATE after.
+fn ends_of(batches: &[Batch]) -> std::collections::HashMap<ToolStartRef, i64> {
+    batches
+        .iter()
+        .flat_map(|b| b.rows.iter())
+        .filter_map(|r| Some((r.tool_start?, r.tool_duration_ms?)))
+        .collect()
 }
 
 /// Writes every row of `batches`, in order, 64 rows per statement; then
@@ -232,41 +239,48 @@ fn write_batches(
             source: rusqlite::Error::ToSqlConversionFailure(why.into()),
         });
     }
+    let mut ended = ends_of(batches);
     let Some(conn) = db.sqlite() else {
-        let ended = insert_pg(db, tag, batches, starts)?;
+        insert_pg(db, tag, batches, starts, &mut ended)?;
         return durations_pg(db, tag, &ended).map(|()| all().count());
     };
-    insert_sqlite(conn, tag, batches, starts)?;
-    let mut written = 0;
-    for r in all() {
-        written += 1;
-        if let (Some(at), Some(ms)) = (r.tool_start, r.tool_duration_ms) {
-            let id = match starts.ids.remove(&at) {
-                Some(id) => Some(id),
-                None => start_id(db, tag, at)?,
-            };
-            if let Some(id) = id {
-                db.execute(
-                    "UPDATE events SET tool_duration_ms=?1 WHERE id=?2",
-                    params![ms, id],
-                )
-                .ctx("writing a tool duration")?;
-            }
+    insert_sqlite(conn, tag, batches, starts, &mut ended)?;
+    // The calls whose start an earlier commit wrote.
+    for (at, ms) in ended {
+        let id = match starts.ids.remove(&at) {
+            Some(id) => Some(id),
+            None => start_id(db, tag, at)?,
+        };
+        if let Some(id) = id {
+            db.execute(
+                "UPDATE events SET tool_duration_ms=?1 WHERE id=?2",
+                params![ms, id],
+            )
+            .ctx("writing a tool duration")?;
         }
     }
-    Ok(written)
+    Ok(all().count())
 }
 
-/// SQLite: raw binds on cached statements, and the ids of the chunk's
-/// `tool_start` rows noted for their `tool_end`.
+/// SQLite: raw binds on cached statements. A `tool_start` row whose call
+/// ended in these batches takes its duration from `ended` (and leaves it);
+/// the others' ids are noted for their `tool_end` in a later commit.
 fn insert_sqlite(
     conn: &rusqlite::Connection,
     tag: &TurnTag,
     batches: &[Batch],
     starts: &mut StartIds,
+    ended: &mut std::collections::HashMap<ToolStartRef, i64>,
 ) -> Result<()> {
+    // Per row of a chunk: its start reference, and the duration when known.
+    let mut refs: Vec<(Option<ToolStartRef>, Option<i64>)> = Vec::with_capacity(CHUNK);
     for b in batches {
         for chunk in b.rows.chunks(CHUNK) {
+            refs.clear();
+            refs.extend(chunk.iter().map(|r| {
+                let at = starts.next_ref(r);
+                (at, at.and_then(|at| ended.remove(&at)))
+            }));
             let mut st = conn
                 .prepare_cached(chunk_sql_sqlite(chunk.len()))
                 .ctx("writing events")?;
@@ -276,12 +290,12 @@ fn insert_sqlite(
                 st.raw_bind_parameter(3, &tag.turn_id)?;
                 st.raw_bind_parameter(4, &b.session_id)?;
                 st.raw_bind_parameter(5, &b.created_at)?;
-                for (k, r) in chunk.iter().enumerate() {
+                for (k, (r, (_, known))) in chunk.iter().zip(&refs).enumerate() {
                     let at = SHARED + 1 + k * PER_ROW;
                     st.raw_bind_parameter(at, r.event_type)?;
                     st.raw_bind_parameter(at + 1, &r.tool_name)?;
                     st.raw_bind_parameter(at + 2, &r.tool_args)?;
-                    st.raw_bind_parameter(at + 3, r.tool_duration_ms)?;
+                    st.raw_bind_parameter(at + 3, r.tool_duration_ms.or(*known))?;
                     st.raw_bind_parameter(at + 4, r.level)?;
                     st.raw_bind_parameter(at + 5, &r.data)?;
                     st.raw_bind_parameter(at + 6, r.line_no)?;
@@ -291,7 +305,12 @@ fn insert_sqlite(
             bind(&mut st).ctx("writing events")?;
             // A multi-row INSERT numbers its rows consecutively (one writer,
             // in a transaction): the chunk's ids end at the last insert rowid.
-            starts.note(chunk, conn.last_insert_rowid());
+            let first_id = conn.last_insert_rowid() - chunk.len() as i64 + 1;
+            for (k, (at, known)) in refs.iter().enumerate() {
+                if let (Some(at), None) = (at, known) {
+                    starts.remember(*at, first_id + k as i64);
+                }
+            }
         }
     }
     Ok(())
@@ -302,19 +321,20 @@ fn insert_sqlite(
 /// no parameter, and neither splits lines nor undoes escapes per row (the
 /// text format scans every byte of `data` twice more on the server). A
 /// call that starts and ends within these batches gets its duration on its
-/// `tool_start` row as it is copied, instead of by an UPDATE after; returns
-/// the ends whose start was copied by an earlier commit.
+/// `tool_start` row as it is copied (and leaves `ended`), instead of by an
+/// UPDATE after.
 fn insert_pg(
     db: &Db,
     tag: &TurnTag,
     batches: &[Batch],
     starts: &mut StartIds,
-) -> Result<Vec<(ToolStartRef, i64)>> {
-    let all = || batches.iter().flat_map(|b| b.rows.iter());
-    let mut ended: std::collections::HashMap<ToolStartRef, i64> = all()
-        .filter_map(|r| Some((r.tool_start?, r.tool_duration_ms?)))
-        .collect();
-    let bytes: usize = all().map(|r| r.data.len() + 256).sum();
+    ended: &mut std::collections::HashMap<ToolStartRef, i64>,
+) -> Result<()> {
+    let bytes: usize = batches
+        .iter()
+        .flat_map(|b| b.rows.iter())
+        .map(|r| r.data.len() + 256)
+        .sum();
     let mut out = CopyBinary::with_capacity(bytes);
     for b in batches {
         for r in &b.rows {
@@ -324,7 +344,7 @@ fn insert_pg(
     }
     db.copy_in(COPY_EVENTS, &out.finish())
         .ctx("writing events")?;
-    Ok(ended.into_iter().collect())
+    Ok(())
 }
 
 const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id, created_at, \
@@ -403,9 +423,13 @@ impl CopyBinary {
 /// onto their `tool_start` rows in one statement (a line's first call; a
 /// second call of the same line, rare, one statement each) — not two round
 /// trips per call.
-fn durations_pg(db: &Db, tag: &TurnTag, ended: &[(ToolStartRef, i64)]) -> Result<()> {
+fn durations_pg(
+    db: &Db,
+    tag: &TurnTag,
+    ended: &std::collections::HashMap<ToolStartRef, i64>,
+) -> Result<()> {
     let (mut lines, mut durations) = (String::new(), String::new());
-    for &(at, ms) in ended {
+    for (&at, &ms) in ended {
         if at.nth > 0 {
             if let Some(id) = start_id(db, tag, at)? {
                 db.execute(
