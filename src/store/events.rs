@@ -8,7 +8,10 @@
 //! one batch, so a line is either wholly in `events` or not at all — the
 //! sweep relies on `line_no` to replay exactly the missing lines. A
 //! `tool_end` row's duration is also written onto its call's `tool_start`
-//! row (found by the id noted at insert, or looked up by `line_no`).
+//! row: as that row is inserted when both are in one commit, else by the
+//! id noted at its insert (or looked up by `line_no`). SQLite rows go in
+//! 64-row INSERTs on cached statements, PostgreSQL rows in one binary COPY
+//! per commit.
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
