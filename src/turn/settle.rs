@@ -105,7 +105,11 @@ pub fn release(ctx: &Ctx, mut turn: Turn) {
         }
         f.release(&turn.store.conn);
     }
-    drop(turn);
+    let Turn { store, events, .. } = turn;
+    crate::store::close_or_leave(store.conn);
+    if let Some(ev) = events {
+        crate::store::close_or_leave(ev);
+    }
 }
 
 fn read_stop_reason(path: &Path) -> Option<StopReason> {
