@@ -205,11 +205,12 @@ pub fn touch(conn: &Db, agent: &str, now: &str) -> Result<()> {
     Ok(())
 }
 
-/// Stores (or, with `None`, forgets) the conversation id to resume.
-pub fn set_session_id(conn: &Db, agent: &str, id: Option<&str>) -> Result<()> {
+/// [`touch`], and stores (or, with `None`, forgets) the conversation id to
+/// resume, in one statement (the end of a turn).
+pub fn touch_with_session_id(conn: &Db, agent: &str, id: Option<&str>, now: &str) -> Result<()> {
     conn.execute(
-        "UPDATE sessions SET claude_session_id=?2 WHERE agent_name=?1",
-        params![agent, id],
+        "UPDATE sessions SET claude_session_id=?2, last_activity=?3 WHERE agent_name=?1",
+        params![agent, id, now],
     )
     .ctx("storing the session id")?;
     Ok(())

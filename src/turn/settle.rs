@@ -158,12 +158,16 @@ fn write_outcome(
                 .line(format!("final state {to} lost the race: {}", lost_race(&r)));
         }
     }
-    if e.unknown_resume.is_some() {
-        sessions::set_session_id(tx, agent, None)?;
-    } else if let Some(id) = &e.ex.stream.session_id {
-        sessions::set_session_id(tx, agent, Some(id))?;
+    // The conversation to resume: forgotten, the stream's, or unchanged.
+    let session_id = if e.unknown_resume.is_some() {
+        Some(None)
+    } else {
+        e.ex.stream.session_id.as_deref().map(Some)
+    };
+    match session_id {
+        Some(id) => sessions::touch_with_session_id(tx, agent, id, &e.now)?,
+        None => sessions::touch(tx, agent, &e.now)?,
     }
-    sessions::touch(tx, agent, &e.now)?;
     let reason = reason_for(&d, e.ex, e.unknown_resume.as_deref());
     tell_the_parent(tx, e, &d, reason.as_deref())?;
     let final_state = sessions::current(tx, agent)?;
