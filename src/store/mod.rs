@@ -250,8 +250,7 @@ fn not_ours(e: StoreError, path: &Path) -> StoreError {
 
 /// Whether this process exits right after its one piece of work (set by
 /// `runner turn`; never by `serve`, which runs turn after turn).
-static EXITS_AFTER_WORK: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+static EXITS_AFTER_WORK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Says that this process exits right after its one piece of work: SQLite
 /// connections handed to [`close_or_leave`] are then left for the exit.

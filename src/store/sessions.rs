@@ -154,8 +154,13 @@ pub fn recover(conn: &Db, s: &NewSession) -> Result<bool> {
 
 /// The compare-and-swap of SPEC §3: `UPDATE … WHERE state IN (allowed)`.
 pub fn cas(conn: &Db, agent: &str, to: State, now: &str) -> Result<Cas> {
-    let allowed: Vec<String> = allowed_from(to)
+    // Listed in one fixed order, so that transitions allowed from the same
+    // states share one statement (a turn's `in_turn` and its end's
+    // `between_turns`: prepared once, not twice).
+    let from = allowed_from(to);
+    let allowed: Vec<String> = State::ALL
         .iter()
+        .filter(|s| from.contains(s))
         .map(|s| format!("'{}'", s.as_str()))
         .collect();
     if allowed.is_empty() {
