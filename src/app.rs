@@ -92,6 +92,8 @@ async fn run(cli: Cli) -> Result<i32> {
         // register this host; an agent pinned to another host is refused
         // right after its name is checked, before its state is read.
         Command::Turn(t) => {
+            // One turn, then exit: its store connections are left to the exit.
+            crate::store::exits_after_work();
             hosts::enter(&ctx, Some(&t.agent), true)?;
             emit(&run_turn(&ctx, t).await?, json)
         }

@@ -75,14 +75,14 @@ pub fn settle(
         Fate::Deliver => out.delivered = mail::deliver(conn, scope, &now_s)?,
         Fate::Release => out.released = mail::release(conn, scope)?,
         Fate::Retry => {
-            for m in mail::claimed(conn, scope)? {
-                match retry_fate(m.tries, max_tries, base) {
+            for (id, tries_before) in mail::claimed_tries(conn, scope)? {
+                match retry_fate(tries_before, max_tries, base) {
                     (tries, RetryFate::After(d)) => {
-                        mail::set_retry(conn, &m.id, tries, &format_ts(now + d), error)?;
+                        mail::set_retry(conn, &id, tries, &format_ts(now + d), error)?;
                         out.retried += 1;
                     }
                     (tries, RetryFate::Dead) => {
-                        mail::set_dead(conn, &m.id, tries, &now_s, error)?;
+                        mail::set_dead(conn, &id, tries, &now_s, error)?;
                         out.dead += 1;
                     }
                 }

@@ -109,7 +109,7 @@ pub fn all_pids() -> Vec<i32> {
 
 /// True when `/proc/<pid>/environ` holds exactly `needle` (`KEY=value`).
 pub fn environ_contains(pid: i32, needle: &[u8]) -> bool {
-    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+    let Some(env) = read_proc(format!("/proc/{pid}/environ"), 8 * 1024) else {
         return false;
     };
     env.split(|&b| b == 0).any(|kv| kv == needle)
@@ -308,14 +308,25 @@ fn pid_window(first: i32, forks_before: u64) -> Option<PidWindow> {
 
 /// A small `/proc` file as text.
 fn read_small(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok()
+    String::from_utf8(read_proc(path, 64)?).ok()
+}
+
+/// Reads a `/proc` file whole in as few `read(2)`s as it allows: `/proc`
+/// files report a size of 0, so `std::fs::read` stats the file and then
+/// grows its buffer from a 32-byte probe (eight reads for `/proc/stat`).
+/// `cap` is the expected size; a larger file still reads whole.
+fn read_proc(path: impl AsRef<std::path::Path>, cap: usize) -> Option<Vec<u8>> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut buf = Vec::with_capacity(cap);
+    f.read_to_end(&mut buf).ok()?;
+    Some(buf)
 }
 
 /// The host's count of forks since boot (`processes` in `/proc/stat`;
 /// threads included). Read before spawning an agent, it bounds how many
 /// pids were handed out since (see [`TurnProcs::live`]).
 pub fn fork_count() -> Option<u64> {
-    let stat = std::fs::read("/proc/stat").ok()?;
+    let stat = read_proc("/proc/stat", 16 * 1024)?;
     let at = stat.windows(11).position(|w| w == b"\nprocesses ")? + 11;
     let rest = &stat[at..];
     let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
@@ -362,13 +373,13 @@ pub fn children_of_self() -> Vec<i32> {
     };
     let mut out = Vec::new();
     for t in tasks.flatten() {
-        match std::fs::read_to_string(t.path().join("children")) {
-            Ok(list) => out.extend(
+        match read_proc(t.path().join("children"), 256).and_then(|b| String::from_utf8(b).ok()) {
+            Some(list) => out.extend(
                 list.split_ascii_whitespace()
                     .filter_map(|p| p.parse::<i32>().ok()),
             ),
             // A kernel without CONFIG_PROC_CHILDREN: every pid is a candidate.
-            Err(_) => return all_pids(),
+            None => return all_pids(),
         }
     }
     out
@@ -444,7 +455,19 @@ pub fn hostname() -> String {
 /// `n` random bytes from the kernel.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+    // getrandom(2): one system call, not open + read + close of /dev/urandom.
+    let mut got = 0;
+    while got < N {
+        // SAFETY: the kernel writes at most `N - got` bytes, into `buf[got..]`.
+        let r = unsafe { nix::libc::getrandom(buf[got..].as_mut_ptr().cast(), N - got, 0) };
+        if r <= 0 {
+            break;
+        }
+        got += r as usize;
+    }
+    if got < N
+        && let Ok(mut f) = std::fs::File::open("/dev/urandom")
+    {
         let _ = f.read_exact(&mut buf);
     }
     buf

@@ -491,6 +491,14 @@ pub fn dollar_placeholders(sql: &str) -> String {
     out
 }
 
+/// Runs a statement without parameters through the connection's statement
+/// cache (`BEGIN IMMEDIATE`, `COMMIT`: prepared once per connection, not
+/// once per transaction).
+fn sqlite_cached(c: &rusqlite::Connection, sql: &str) -> DbResult<()> {
+    c.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 /// One connection to the store, SQLite or PostgreSQL.
 pub enum Db {
     Sqlite(rusqlite::Connection),
@@ -640,14 +648,17 @@ impl Db {
     ) -> std::result::Result<T, E> {
         let fenced = match self {
             Db::Pg(p) => p.borrow_mut().begin(),
-            Db::Sqlite(c) => c.execute_batch("BEGIN IMMEDIATE").map_err(DbError::from),
+            Db::Sqlite(c) => sqlite_cached(c, "BEGIN IMMEDIATE"),
         };
         let r = match fenced {
             Ok(()) => f(self),
             Err(e) => Err(e.into()),
         };
         let r = match r {
-            Ok(v) => match self.execute_batch("COMMIT") {
+            Ok(v) => match match self {
+                Db::Sqlite(c) => sqlite_cached(c, "COMMIT"),
+                Db::Pg(_) => self.execute_batch("COMMIT"),
+            } {
                 Ok(()) => Ok(v),
                 Err(e) => Err(e.into()),
             },

@@ -222,6 +222,16 @@ pub fn agents_with_due(conn: &Db, now: &str) -> Result<Vec<String>> {
 }
 
 /// Claims up to `limit` due messages of `agent` for `turn_id`, arrival order.
+///
+/// `limit` is written into the statement, not bound: SQLite re-prepares a
+/// statement whose `LIMIT` is a bound parameter on its first step (it may
+/// plan differently for another value), which doubled the cost of the
+/// turn's most expensive statement to prepare. On SQLite (each statement
+/// prepared once per process, and most turns claim nothing) the due rowids
+/// are looked up first; only when there are some, an `UPDATE` without
+/// `RETURNING` (twenty returned columns are costly to prepare) claims them
+/// and the claimed rows are read by the turn id — all in the caller's
+/// `BEGIN IMMEDIATE` transaction, so they are exactly the rows just claimed.
 pub fn claim_due(
     conn: &Db,
     agent: &str,
@@ -229,22 +239,41 @@ pub fn claim_due(
     now: &str,
     limit: i64,
 ) -> Result<Vec<Message>> {
+    let due = format!(
+        "SELECT rowid FROM messages WHERE to_agent=?1 AND read=0 AND claimed_by IS NULL \
+         AND dead_at IS NULL AND (process_after IS NULL OR process_after <= ?3) \
+         ORDER BY rowid LIMIT {limit}"
+    );
+    if !conn.is_pg() {
+        // Most turns find nothing due: the bare query first (a third of the
+        // UPDATE's cost to prepare); the UPDATE only when it finds mail.
+        let none = conn
+            .query_opt(&due, params![agent, turn_id, now], |_| Ok(()))
+            .ctx("claiming mail")?
+            .is_none();
+        if none {
+            return Ok(Vec::new());
+        }
+        let n = conn
+            .execute(
+                &format!("UPDATE messages SET claimed_by=?2, claimed_at=?3 WHERE rowid IN ({due})"),
+                params![agent, turn_id, now],
+            )
+            .ctx("claiming mail")?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        return claimed(conn, Scope::Turn(turn_id));
+    }
     // On PostgreSQL a concurrent claimer's rows are skipped, not re-read
     // after it commits (read committed would not re-run the subquery).
-    let lock = if conn.is_pg() {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
     let mut out = collect(
         conn,
         &format!(
             "UPDATE messages SET claimed_by=?2, claimed_at=?3 WHERE rowid IN (\
-               SELECT rowid FROM messages WHERE to_agent=?1 AND read=0 AND claimed_by IS NULL \
-               AND dead_at IS NULL AND (process_after IS NULL OR process_after <= ?3) \
-               ORDER BY rowid LIMIT ?4{lock}) RETURNING {COLS}"
+               {due} FOR UPDATE SKIP LOCKED) RETURNING {COLS}"
         ),
-        params![agent, turn_id, now, limit],
+        params![agent, turn_id, now],
         "claiming mail",
     )?;
     out.sort_by_key(|m| m.rowid);
@@ -280,6 +309,21 @@ pub fn claimed(conn: &Db, scope: Scope<'_>) -> Result<Vec<Message>> {
         params![key],
         "reading claims",
     )
+}
+
+/// The id and try count of each open claim of a scope, arrival order: all
+/// a retry needs (a two-column statement is cheaper to prepare than
+/// [`claimed`]'s twenty).
+pub fn claimed_tries(conn: &Db, scope: Scope<'_>) -> Result<Vec<(String, i64)>> {
+    let (w, key) = scope.clause();
+    conn.query_map(
+        &format!(
+            "SELECT id, tries FROM messages WHERE {w} AND read=0 AND dead_at IS NULL ORDER BY rowid"
+        ),
+        params![key],
+        |r| Ok((r.get(0)?, r.get::<Option<i64>>(1)?.unwrap_or(0))),
+    )
+    .ctx("reading claims")
 }
 
 /// Claimed → delivered.

@@ -90,5 +90,6 @@ pub fn record_turn(root: &Path, session: &Session, turn: &TurnRow) -> Result<boo
         .ctx("recording a token snapshot in metrics.db")?;
         Ok(())
     })?;
+    super::close_or_leave(super::Db::Sqlite(conn));
     Ok(true)
 }

@@ -248,6 +248,32 @@ fn not_ours(e: StoreError, path: &Path) -> StoreError {
     }
 }
 
+/// Whether this process exits right after its one piece of work (set by
+/// `runner turn`; never by `serve`, which runs turn after turn).
+static EXITS_AFTER_WORK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says that this process exits right after its one piece of work: SQLite
+/// connections handed to [`close_or_leave`] are then left for the exit.
+pub fn exits_after_work() {
+    EXITS_AFTER_WORK.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Closes a connection that is done with — or, in a process that exits right
+/// after its work ([`exits_after_work`]), leaves a SQLite one to the exit:
+/// closing finalizes every cached statement and frees the parsed schema
+/// (~100K instructions a file), for a process about to end anyway. Callers
+/// hand over only idle connections (no transaction open); with no
+/// checkpoint on close (`open_conn`), a closed connection and one ended by
+/// the exit leave the same files and locks behind. PostgreSQL connections
+/// are always dropped (kept for reuse, or said goodbye to).
+pub fn close_or_leave(conn: Db) {
+    if conn.sqlite().is_some() && EXITS_AFTER_WORK.load(std::sync::atomic::Ordering::Relaxed) {
+        std::mem::forget(conn);
+    } else {
+        drop(conn);
+    }
+}
+
 /// Runs `f` in a transaction (`BEGIN IMMEDIATE` on SQLite).
 pub fn immediate<T>(db: &mut Db, context: &str, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
     db.transaction(|tx| f(tx).map_err(Wrapped::Store))

@@ -233,6 +233,18 @@ fn renamed(sql: &str, table: &str) -> String {
     format!("{}{}__new{}", &sql[..pos], table, &sql[pos + table.len()..])
 }
 
+/// Whether `table` of the main database exists and, with `column`, has that
+/// column. Looked up in the schema SQLite has already loaded: no statement
+/// to prepare (every process opens these files afresh, so each statement
+/// is prepared once per process).
+fn has(conn: &Connection, table: &str, column: Option<&str>) -> Result<bool> {
+    match column {
+        None => conn.table_exists(Some("main"), table),
+        Some(c) => conn.column_exists(Some("main"), table, c),
+    }
+    .ctx("reading the schema")
+}
+
 fn check_ours(conn: &Connection, path: &Path, table: &str, must_have: &str) -> Result<()> {
     let v = user_version(conn).map_err(|e| not_ours_if_notadb(e, path))?;
     if v > SCHEMA_VERSION {
@@ -241,7 +253,7 @@ fn check_ours(conn: &Connection, path: &Path, table: &str, must_have: &str) -> R
             detail: format!("schema version {v} is newer than this runner's {SCHEMA_VERSION}"),
         });
     }
-    if table_sql(conn, table)?.is_some() && !columns(conn, table)?.iter().any(|c| c == must_have) {
+    if has(conn, table, None)? && !has(conn, table, Some(must_have))? {
         return Err(StoreError::NotOurs {
             path: path.display().to_string(),
             detail: format!("its '{table}' table has no '{must_have}' column"),
@@ -261,16 +273,14 @@ fn not_ours_if_notadb(e: StoreError, path: &Path) -> StoreError {
 }
 
 fn up_to_date(conn: &Connection, marker_table: &str) -> Result<bool> {
-    Ok(user_version(conn)? == SCHEMA_VERSION && table_sql(conn, marker_table)?.is_some())
+    Ok(user_version(conn)? == SCHEMA_VERSION && has(conn, marker_table, None)?)
 }
 
 pub fn migrate_sessions(conn: &mut Connection, path: &Path) -> Result<()> {
     check_ours(conn, path, "sessions", "agent_name")?;
     // The newest column of `turns` marks a migrated file: the same two
     // cheap looks as `up_to_date`.
-    if user_version(conn)? == SCHEMA_VERSION
-        && table_sql(conn, "turns")?.is_some_and(|s| s.contains("stderr_dropped_bytes"))
-    {
+    if user_version(conn)? == SCHEMA_VERSION && has(conn, "turns", Some("stderr_dropped_bytes"))? {
         return Ok(());
     }
     immediate_sqlite(conn, "migrating sessions.db", |tx| {
@@ -317,19 +327,13 @@ pub fn migrate_sessions(conn: &mut Connection, path: &Path) -> Result<()> {
 
 /// Whether the attached `mail` database needs no migration (one cheap look).
 pub fn mail_up_to_date(conn: &Connection) -> Result<bool> {
-    use rusqlite::OptionalExtension;
     let v: i64 = conn
         .query_row("PRAGMA mail.user_version", [], |r| r.get(0))
         .ctx("reading mail.db's schema version")?;
-    let has: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM mail.sqlite_master WHERE type='table' AND name='messages'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
+    let has = conn
+        .table_exists(Some("mail"), "messages")
         .ctx("reading mail.db's schema")?;
-    Ok(v == SCHEMA_VERSION && has.is_some())
+    Ok(v == SCHEMA_VERSION && has)
 }
 
 pub fn migrate_mail(conn: &mut Connection, path: &Path) -> Result<()> {

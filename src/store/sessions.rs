@@ -154,8 +154,13 @@ pub fn recover(conn: &Db, s: &NewSession) -> Result<bool> {
 
 /// The compare-and-swap of SPEC §3: `UPDATE … WHERE state IN (allowed)`.
 pub fn cas(conn: &Db, agent: &str, to: State, now: &str) -> Result<Cas> {
-    let allowed: Vec<String> = allowed_from(to)
+    // Listed in one fixed order, so that transitions allowed from the same
+    // states share one statement (a turn's `in_turn` and its end's
+    // `between_turns`: prepared once, not twice).
+    let from = allowed_from(to);
+    let allowed: Vec<String> = State::ALL
         .iter()
+        .filter(|s| from.contains(s))
         .map(|s| format!("'{}'", s.as_str()))
         .collect();
     if allowed.is_empty() {
@@ -205,11 +210,12 @@ pub fn touch(conn: &Db, agent: &str, now: &str) -> Result<()> {
     Ok(())
 }
 
-/// Stores (or, with `None`, forgets) the conversation id to resume.
-pub fn set_session_id(conn: &Db, agent: &str, id: Option<&str>) -> Result<()> {
+/// [`touch`], and stores (or, with `None`, forgets) the conversation id to
+/// resume, in one statement (the end of a turn).
+pub fn touch_with_session_id(conn: &Db, agent: &str, id: Option<&str>, now: &str) -> Result<()> {
     conn.execute(
-        "UPDATE sessions SET claude_session_id=?2 WHERE agent_name=?1",
-        params![agent, id],
+        "UPDATE sessions SET claude_session_id=?2, last_activity=?3 WHERE agent_name=?1",
+        params![agent, id, now],
     )
     .ctx("storing the session id")?;
     Ok(())

@@ -185,7 +185,23 @@ pub fn get(conn: &Db, turn_id: &str) -> Result<Option<TurnRow>> {
 }
 
 /// Unfinished turns of an agent, oldest first.
+///
+/// On SQLite a one-column look comes first: there almost never is one (a
+/// runner died), and a short-lived process prepares each statement once —
+/// reading all thirty columns costs several times more to prepare.
 pub fn unfinished(conn: &Db, agent: &str) -> Result<Vec<TurnRow>> {
+    if !conn.is_pg()
+        && conn
+            .query_opt(
+                "SELECT 1 FROM turns WHERE agent_name=?1 AND ended_at IS NULL LIMIT 1",
+                params![agent],
+                |_| Ok(()),
+            )
+            .ctx("reading unfinished turns")?
+            .is_none()
+    {
+        return Ok(Vec::new());
+    }
     conn.query_map(
         &format!(
             "SELECT {} FROM turns WHERE agent_name=?1 AND ended_at IS NULL ORDER BY turn_id",

@@ -67,7 +67,7 @@ pub fn settle(ctx: &Ctx, turn: &mut Turn, ex: Execution) -> Result<TurnSummary> 
         now_t,
         now: clock::format_ts(now_t),
     };
-    let (decision, final_state) = turn
+    let (decision, final_state, written) = turn
         .store
         .tx("finishing the turn", |tx| write_outcome(tx, &ending))?;
     turn.log.line(format!(
@@ -79,7 +79,7 @@ pub fn settle(ctx: &Ctx, turn: &mut Turn, ex: Execution) -> Result<TurnSummary> 
     if let Some(e) = &ex.internal_error {
         tracing::warn!("turn {}: {e}", turn.turn_id());
     }
-    let summary = summary(turn, &decision)?;
+    let summary = summary(turn, &decision, written)?;
     if let Some(row) = &summary.turn
         && let Err(e) = crate::store::metrics::record_turn(&ctx.root.dir, &turn.session, row)
     {
@@ -105,7 +105,11 @@ pub fn release(ctx: &Ctx, mut turn: Turn) {
         }
         f.release(&turn.store.conn);
     }
-    drop(turn);
+    let Turn { store, events, .. } = turn;
+    crate::store::close_or_leave(store.conn);
+    if let Some(ev) = events {
+        crate::store::close_or_leave(ev);
+    }
 }
 
 fn read_stop_reason(path: &Path) -> Option<StopReason> {
@@ -126,8 +130,12 @@ fn unknown_resume(runtime: &dyn Runtime, row: &TurnRow, ex: &Execution) -> Optio
     )
 }
 
-/// The one transaction of step 9. Returns the decision and the state now.
-fn write_outcome(tx: &Db, e: &Ending<'_>) -> StoreResult<(Decision, Option<String>)> {
+/// The one transaction of step 9. Returns the decision, the state now and,
+/// when this transaction finished the turn row, the row as written.
+fn write_outcome(
+    tx: &Db,
+    e: &Ending<'_>,
+) -> StoreResult<(Decision, Option<String>, Option<TurnRow>)> {
     let agent = e.session.agent_name.as_str();
     let facts = gather_facts(tx, e)?;
     let d = decide(&facts);
@@ -150,19 +158,23 @@ fn write_outcome(tx: &Db, e: &Ending<'_>) -> StoreResult<(Decision, Option<Strin
                 .line(format!("final state {to} lost the race: {}", lost_race(&r)));
         }
     }
-    if e.unknown_resume.is_some() {
-        sessions::set_session_id(tx, agent, None)?;
-    } else if let Some(id) = &e.ex.stream.session_id {
-        sessions::set_session_id(tx, agent, Some(id))?;
+    // The conversation to resume: forgotten, the stream's, or unchanged.
+    let session_id = if e.unknown_resume.is_some() {
+        Some(None)
+    } else {
+        e.ex.stream.session_id.as_deref().map(Some)
+    };
+    match session_id {
+        Some(id) => sessions::touch_with_session_id(tx, agent, id, &e.now)?,
+        None => sessions::touch(tx, agent, &e.now)?,
     }
-    sessions::touch(tx, agent, &e.now)?;
     let reason = reason_for(&d, e.ex, e.unknown_resume.as_deref());
     tell_the_parent(tx, e, &d, reason.as_deref())?;
     let final_state = sessions::current(tx, agent)?;
     let row = finished_row(tx, e, &d, &facts, reason, final_state.clone())?;
-    turns::finish(tx, &row)?;
+    let written = turns::finish(tx, &row)?.then_some(row);
     crate::fault::hit("during_final_write");
-    Ok((d, final_state))
+    Ok((d, final_state, written))
 }
 
 /// What the outcome table needs, read inside the final transaction.
@@ -301,9 +313,16 @@ fn record_turn_end(ctx: &Ctx, turn: &mut Turn, ex: &Execution, d: &Decision) -> 
     Ok(())
 }
 
-fn summary(turn: &Turn, d: &Decision) -> Result<TurnSummary> {
+/// The turn's summary. Its row is the one this runner wrote when it
+/// finished it on SQLite (what a read would return: every column was
+/// written from it, and SQLite gives back the same integers, reals and
+/// text); on PostgreSQL, or when another process finished it, it is read.
+fn summary(turn: &Turn, d: &Decision, written: Option<TurnRow>) -> Result<TurnSummary> {
     let agent = turn.agent();
-    let row = turns::get(&turn.store.conn, turn.turn_id())?;
+    let row = match written {
+        Some(row) if !turn.store.conn.is_pg() => Some(row),
+        _ => turns::get(&turn.store.conn, turn.turn_id())?,
+    };
     let message = match row.as_ref().and_then(|r| r.reason.as_deref()) {
         Some(r) => format!("{agent}: {} ({r})", d.outcome.as_str()),
         None => format!("{agent}: {}", d.outcome.as_str()),

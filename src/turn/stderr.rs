@@ -120,10 +120,13 @@ pub async fn drain(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut log = BoundedLog::new(file);
-    let mut buf = vec![0u8; 16 * 1024];
+    // Read into spare capacity: most agents write no stderr at all, and
+    // zeroing 16 KiB up front is most of what an empty drain costs.
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     loop {
+        buf.clear();
         let n = tokio::select! {
-            r = err.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+            r = err.read_buf(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
             _ = stop.changed() => break,
         };
         log.write(&buf[..n]);
