@@ -326,18 +326,18 @@ impl Parser for ClaudeParser {
         line_no: i64,
         rows: &mut Vec<EventRow>,
     ) -> Option<FastLine> {
-        let hot = Hot::read(text)?;
+        let mut hot = Hot::read(text)?;
         let kind = hot.kind?;
-        let blocks = hot
-            .blocks
-            .into_iter()
-            .map(BlockFields::into_block)
-            .collect::<Option<Vec<_>>>()?;
+        // The last step that may decline, before the parser is touched.
+        for b in hot.blocks.iter_mut().flatten() {
+            b.read_input()?;
+        }
+        let blocks = hot.blocks.into_iter().map(BlockFields::into_block);
         let mut facts = LineFacts::session(hot.session_id.as_ref().and_then(Lite::as_str));
         if kind == "assistant" {
-            self.assistant(blocks.into_iter(), line_no, rows, &mut facts);
+            self.assistant(blocks, line_no, rows, &mut facts);
         } else {
-            self.user(blocks.into_iter(), rows, &mut facts);
+            self.user(blocks, rows, &mut facts);
         }
         Some(FastLine { facts, kind })
     }
@@ -420,8 +420,10 @@ struct BlockFields<'a> {
     text_is_str: bool,
     id: Option<Lite<'a>>,
     name: Option<Lite<'a>>,
-    /// The text of `input`, read as a `Value` only for a `tool_use` block.
+    /// The text of `input`, read as a `Value` ([`BlockFields::read_input`])
+    /// only for a `tool_use` block.
     input: Option<&'a str>,
+    input_value: Option<Value>,
     tool_use_id: Option<Lite<'a>>,
     is_error: Option<Lite<'a>>,
 }
@@ -457,21 +459,29 @@ impl<'a> BlockFields<'a> {
         Some(Some(b))
     }
 
-    /// The same decision as [`Block::of_value`]; `None` only when `input`
-    /// does not read as a `Value` (cannot happen for scanned text: declined).
-    fn into_block(b: Option<BlockFields<'a>>) -> Option<Block<'a>> {
+    /// A `tool_use` block's `input` as a `Value` (`Null` when absent);
+    /// `None` only when it does not read (cannot happen for scanned text).
+    fn read_input(&mut self) -> Option<()> {
+        if self.kind.as_ref().and_then(Lite::as_str) == Some("tool_use") {
+            self.input_value = Some(match self.input {
+                Some(raw) => serde_json::from_str(raw).ok()?,
+                None => Value::Null,
+            });
+        }
+        Some(())
+    }
+
+    /// The same decision as [`Block::of_value`] (after [`BlockFields::read_input`]).
+    fn into_block(b: Option<BlockFields<'a>>) -> Block<'a> {
         let Some(b) = b else {
-            return Some(Block::Other);
+            return Block::Other;
         };
         let s = |l: Option<Lite<'a>>| l.and_then(Lite::into_str);
-        Some(match b.kind.as_ref().and_then(Lite::as_str) {
+        match b.kind.as_ref().and_then(Lite::as_str) {
             Some("text") => Block::Text(b.text_is_str),
             Some("thinking") | Some("redacted_thinking") => Block::Thinking,
             Some("tool_use") => Block::ToolUse {
-                input: match b.input {
-                    Some(raw) => serde_json::from_str(raw).ok()?,
-                    None => Value::Null,
-                },
+                input: b.input_value.unwrap_or(Value::Null),
                 id: s(b.id),
                 name: s(b.name).unwrap_or_default(),
             },
@@ -480,7 +490,7 @@ impl<'a> BlockFields<'a> {
                 is_error: b.is_error.and_then(|e| e.as_bool()).unwrap_or(false),
             },
             _ => Block::Other,
-        })
+        }
     }
 }
 
