@@ -334,7 +334,10 @@ impl<'a> Scanner<'a> {
         let b = self.b;
         let mut i = self.i;
         while let Some(chunk) = b.get(i..).and_then(<[u8]>::first_chunk::<W>) {
-            let hits: [u8; W] = std::array::from_fn(|k| 0u8.wrapping_sub(special(chunk[k]) as u8));
+            let mut hits = [0u8; W];
+            for (h, &c) in hits.iter_mut().zip(chunk) {
+                *h = 0u8.wrapping_sub(special(c) as u8);
+            }
             let mask = u128::from_le_bytes(hits);
             if mask != 0 {
                 self.i = i + (mask.trailing_zeros() / 8) as usize;
@@ -350,46 +353,60 @@ impl<'a> Scanner<'a> {
 
     /// A string (the cursor at its `"`), unescaped; borrowed from the line
     /// when it has no escape.
-    #[inline]
+    #[inline(always)]
     pub fn string(&mut self) -> Option<Cow<'a, str>> {
         self.i += 1;
         let start = self.i;
         self.skip_plain();
-        match self.b.get(self.i)? {
-            b'"' => {
-                let s = self.s.get(start..self.i)?;
-                self.i += 1;
-                Some(Cow::Borrowed(s))
-            }
-            b'\\' => {
-                let mut out = String::with_capacity(self.i - start + 16);
-                out.push_str(self.s.get(start..self.i)?);
-                loop {
+        if self.b.get(self.i) == Some(&b'"') {
+            let s = self.s.get(start..self.i)?;
+            self.i += 1;
+            return Some(Cow::Borrowed(s));
+        }
+        self.string_rest(start)
+    }
+
+    /// The rest of a string from its first `\` (or bad byte) on.
+    #[inline(never)]
+    fn string_rest(&mut self, start: usize) -> Option<Cow<'a, str>> {
+        if self.b.get(self.i) != Some(&b'\\') {
+            return None;
+        }
+        let mut out = String::with_capacity(self.i - start + 16);
+        out.push_str(self.s.get(start..self.i)?);
+        loop {
+            self.i += 1;
+            out.push(self.escape()?);
+            let from = self.i;
+            self.skip_plain();
+            out.push_str(self.s.get(from..self.i)?);
+            match self.b.get(self.i)? {
+                b'"' => {
                     self.i += 1;
-                    out.push(self.escape()?);
-                    let from = self.i;
-                    self.skip_plain();
-                    out.push_str(self.s.get(from..self.i)?);
-                    match self.b.get(self.i)? {
-                        b'"' => {
-                            self.i += 1;
-                            return Some(Cow::Owned(out));
-                        }
-                        b'\\' => {}
-                        _ => return None,
-                    }
+                    return Some(Cow::Owned(out));
                 }
+                b'\\' => {}
+                _ => return None,
             }
-            _ => None,
         }
     }
 
     /// A string (the cursor at its `"`), validated and dropped.
-    #[inline]
+    #[inline(always)]
     fn skip_string(&mut self) -> Option<()> {
         self.i += 1;
+        self.skip_plain();
+        if self.b.get(self.i) == Some(&b'"') {
+            self.i += 1;
+            return Some(());
+        }
+        self.skip_string_rest()
+    }
+
+    /// The rest of a skipped string from its first `\` (or bad byte) on.
+    #[inline(never)]
+    fn skip_string_rest(&mut self) -> Option<()> {
         loop {
-            self.skip_plain();
             match self.b.get(self.i)? {
                 b'"' => {
                     self.i += 1;
@@ -398,6 +415,7 @@ impl<'a> Scanner<'a> {
                 b'\\' => {
                     self.i += 1;
                     self.escape()?;
+                    self.skip_plain();
                 }
                 _ => return None,
             }
@@ -552,7 +570,9 @@ mod tests {
     fn check(text: &str) -> Result<bool, TestCaseError> {
         let skipped = read_object(text, |_, _| Some(false)).is_some();
         let got = scan(text);
-        let is_obj = text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{');
+        let is_obj = text
+            .trim_start_matches([' ', '\t', '\n', '\r'])
+            .starts_with('{');
         prop_assert_eq!(skipped, is_obj && got.is_some(), "{:?}", text);
         let Some(got) = got else {
             return Ok(false);
