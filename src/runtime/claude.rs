@@ -329,7 +329,7 @@ impl Parser for ClaudeParser {
         let mut hot = Hot::read(text)?;
         let kind = hot.kind?;
         // The last step that may decline, before the parser is touched.
-        for b in hot.blocks.iter_mut().flatten() {
+        for b in hot.blocks.iter_mut() {
             b.read_input()?;
         }
         let blocks = hot.blocks.into_iter().map(BlockFields::into_block);
@@ -354,7 +354,34 @@ impl Parser for ClaudeParser {
 struct Hot<'a> {
     kind: Option<&'static str>,
     session_id: Option<Lite<'a>>,
-    blocks: Vec<Option<BlockFields<'a>>>,
+    blocks: Blocks<'a>,
+}
+
+/// The items of `content` (`None`: an item that is not an object); the
+/// first one kept inline, as a hot line has one block (no allocation).
+#[derive(Default)]
+struct Blocks<'a> {
+    first: Option<Option<BlockFields<'a>>>,
+    more: Vec<Option<BlockFields<'a>>>,
+}
+
+impl<'a> Blocks<'a> {
+    fn push(&mut self, b: Option<BlockFields<'a>>) {
+        if self.first.is_none() {
+            self.first = Some(b);
+        } else {
+            self.more.push(b);
+        }
+    }
+
+    /// The blocks that are objects, in order.
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut BlockFields<'a>> {
+        self.first.iter_mut().chain(self.more.iter_mut()).flatten()
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = Option<BlockFields<'a>>> {
+        self.first.into_iter().chain(self.more)
+    }
 }
 
 impl<'a> Hot<'a> {
@@ -365,7 +392,7 @@ impl<'a> Hot<'a> {
         let mut hot = Hot {
             kind: None,
             session_id: None,
-            blocks: Vec::new(),
+            blocks: Blocks::default(),
         };
         json::read_object(text, |sc, key| {
             match &*key {
@@ -388,8 +415,8 @@ impl<'a> Hot<'a> {
 
 /// `message`: the blocks of its `content` (none when either is not the
 /// expected object / array).
-fn message_blocks<'a>(sc: &mut Scanner<'a>) -> Option<Vec<Option<BlockFields<'a>>>> {
-    let mut blocks = Vec::new();
+fn message_blocks<'a>(sc: &mut Scanner<'a>) -> Option<Blocks<'a>> {
+    let mut blocks = Blocks::default();
     if sc.peek()? != b'{' {
         sc.skip()?;
         return Some(blocks);
@@ -398,7 +425,7 @@ fn message_blocks<'a>(sc: &mut Scanner<'a>) -> Option<Vec<Option<BlockFields<'a>
         if key != "content" {
             return Some(false);
         }
-        blocks.clear();
+        blocks = Blocks::default();
         if sc.peek()? == b'[' {
             sc.array(|sc| {
                 blocks.push(BlockFields::read(sc)?);
@@ -591,6 +618,47 @@ mod tests {
             r#"{"type":"result","subtype":"error_max_turns","is_error":false}"#,
         );
         assert_eq!(f.end_of_turn, Some(true));
+    }
+
+    /// The fast path takes these lines and gives what the full path gives
+    /// (several blocks, items that are not objects, duplicated keys, escaped
+    /// keys and values); the odd ones at the end it declines.
+    #[test]
+    fn fast_path_takes_hot_lines_and_agrees() {
+        use crate::stream::{Frame, process_line, process_line_full};
+        let taken = [
+            r#"{"type":"assistant","session_id":"s1","message":{"content":[{"type":"text","text":"a\nb"},1,null,{"type":"thinking"},{"type":"tool_use","id":"t\u0031","name":"Bash","input":{"command":"ls","timeout":60000}},{"type":"tool_use","id":"t2","name":"Read"}]}}"#,
+            r#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t1","is_error":true},"x",{"type":"tool_result","tool_use_id":"t2","is_error":1}]},"session_id":5}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":1}],"content":[{"type":"text","text":"b","text":2}]}}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"a"}]},"message":{"content":"no"}}"#,
+            r#"{"type":"user","typ\u0065":"assistant","message":[],"session_id":"a","session_id":"b\"c"}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"tool_use","type":"text","text":"x"}]}}"#,
+        ];
+        let declined = [
+            r#"{"type":"result","is_error":false}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"\ud800"}]}}"#,
+            r#"{"type":"assistant","n":1e400}"#,
+            r#"{"type":"assistant"} x"#,
+            r#"{"message":{}}"#,
+        ];
+        let (mut fast, mut full) = (ClaudeParser::default(), ClaudeParser::default());
+        for (i, line) in taken.iter().chain(&declined).enumerate() {
+            let probe = ClaudeParser::default().fast_line(line, 1, &mut Vec::new());
+            assert_eq!(probe.is_some(), i < taken.len(), "{line}");
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let fa = process_line(Frame::Line(line.as_bytes()), 1, &mut fast, &mut a);
+            let fb = process_line_full(Frame::Line(line.as_bytes()), 1, &mut full, &mut b);
+            assert_eq!(fa, fb, "{line}");
+            let strip = |rows: &[EventRow]| -> Vec<EventRow> {
+                rows.iter()
+                    .map(|r| EventRow {
+                        tool_duration_ms: r.tool_duration_ms.map(|_| 0),
+                        ..r.clone()
+                    })
+                    .collect()
+            };
+            assert_eq!(strip(&a), strip(&b), "{line}");
+        }
     }
 
     #[test]
