@@ -9,10 +9,9 @@
 
 use std::borrow::Cow;
 
-use serde::de::MapAccess;
 use serde_json::{Map, Value, json};
 
-use super::json::{self, ArrayOf, Fields, ObjectOf, Scalar};
+use super::json::{self, Lite, Scanner};
 use super::{
     FastLine, Graceful, Line, LineFacts, Parser, ResultInfo, Runtime, SpawnSpec, StdinPolicy,
     ToolCalls, TurnInput, cut, row, str_of, tool_end_row, tool_start_row,
@@ -318,21 +317,23 @@ impl Parser for ClaudeParser {
     }
 
     /// The hot lines — `assistant` and `user` — read without a `Value`
-    /// tree: only `type`, `session_id` and `message.content` blocks.
+    /// tree: only `type`, `session_id` and `message.content` blocks. Any
+    /// line the scanner declines (or that is not hot) is left to the full
+    /// path before anything is touched.
     fn fast_line(
         &mut self,
         text: &str,
         line_no: i64,
         rows: &mut Vec<EventRow>,
     ) -> Option<FastLine> {
-        let top = json::read_line::<Hot>(text, "session_id").ok()?;
-        let kind = match top.kind.as_ref().and_then(Scalar::as_str)? {
-            "assistant" => "assistant",
-            "user" => "user",
-            _ => return None,
-        };
-        let mut facts = LineFacts::session(top.session_id.as_ref().and_then(Scalar::as_str));
-        let blocks = top.fields.blocks.into_iter().map(BlockFields::into_block);
+        let mut hot = Hot::read(text)?;
+        let kind = hot.kind?;
+        // The last step that may decline, before the parser is touched.
+        for b in hot.blocks.iter_mut() {
+            b.read_input()?;
+        }
+        let blocks = hot.blocks.into_iter().map(BlockFields::into_block);
+        let mut facts = LineFacts::session(hot.session_id.as_ref().and_then(Lite::as_str));
         if kind == "assistant" {
             self.assistant(blocks, line_no, rows, &mut facts);
         } else {
@@ -346,91 +347,177 @@ impl Parser for ClaudeParser {
     }
 }
 
-/// The fast reader's view of a line: the blocks of `message.content` when
-/// it is an array inside an object (else none, like [`content_blocks`]).
-#[derive(Default)]
+/// The fast reader's view of a line: its hot `type`, its `session_id`, and
+/// the blocks of `message.content` when that is an array inside an object
+/// (else none, like [`content_blocks`]). Each field is the last of its
+/// duplicates, as in `Value`.
 struct Hot<'a> {
-    blocks: Vec<Option<BlockFields<'a>>>,
+    kind: Option<&'static str>,
+    session_id: Option<Lite<'a>>,
+    blocks: Blocks<'a>,
 }
 
+/// The items of `content` (`None`: an item that is not an object); the
+/// first one kept inline, as a hot line has one block (no allocation).
 #[derive(Default)]
-struct MessageFields<'a> {
-    content: Option<Vec<Option<BlockFields<'a>>>>,
+struct Blocks<'a> {
+    first: Option<Option<BlockFields<'a>>>,
+    more: Vec<Option<BlockFields<'a>>>,
+}
+
+impl<'a> Blocks<'a> {
+    fn push(&mut self, b: Option<BlockFields<'a>>) {
+        if self.first.is_none() {
+            self.first = Some(b);
+        } else {
+            self.more.push(b);
+        }
+    }
+
+    /// The blocks that are objects, in order.
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut BlockFields<'a>> {
+        self.first.iter_mut().chain(self.more.iter_mut()).flatten()
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = Option<BlockFields<'a>>> {
+        self.first.into_iter().chain(self.more)
+    }
+}
+
+impl<'a> Hot<'a> {
+    /// `None`: declined — not valid, not vouched for, or a `type` that is
+    /// not a hot one (a later duplicate could make it hot: declining is
+    /// always allowed).
+    fn read(text: &'a str) -> Option<Hot<'a>> {
+        let mut hot = Hot {
+            kind: None,
+            session_id: None,
+            blocks: Blocks::default(),
+        };
+        json::read_object(text, |sc, key| {
+            match &*key {
+                "type" => {
+                    hot.kind = match sc.lite()?.as_str()? {
+                        "assistant" => Some("assistant"),
+                        "user" => Some("user"),
+                        _ => return None,
+                    }
+                }
+                "session_id" => hot.session_id = Some(sc.lite()?),
+                "message" => hot.blocks = message_blocks(sc)?,
+                _ => return Some(false),
+            }
+            Some(true)
+        })?;
+        Some(hot)
+    }
+}
+
+/// `message`: the blocks of its `content` (none when either is not the
+/// expected object / array).
+fn message_blocks<'a>(sc: &mut Scanner<'a>) -> Option<Blocks<'a>> {
+    let mut blocks = Blocks::default();
+    if sc.peek()? != b'{' {
+        sc.skip()?;
+        return Some(blocks);
+    }
+    sc.object(|sc, key| {
+        if key != "content" {
+            return Some(false);
+        }
+        blocks = Blocks::default();
+        if sc.peek()? == b'[' {
+            sc.array(|sc| {
+                blocks.push(BlockFields::read(sc)?);
+                Some(())
+            })?;
+        } else {
+            sc.skip()?;
+        }
+        Some(true)
+    })?;
+    Some(blocks)
 }
 
 /// The fields of one content block the mapping reads (the last of a
 /// duplicated key wins, as in `Value`).
 #[derive(Default)]
 struct BlockFields<'a> {
-    kind: Option<Scalar<'a>>,
-    text: Option<Scalar<'a>>,
-    id: Option<Scalar<'a>>,
-    name: Option<Scalar<'a>>,
-    input: Option<Value>,
-    tool_use_id: Option<Scalar<'a>>,
-    is_error: Option<Scalar<'a>>,
+    kind: Option<Lite<'a>>,
+    text_is_str: bool,
+    id: Option<Lite<'a>>,
+    name: Option<Lite<'a>>,
+    /// The text of `input`, read as a `Value` ([`BlockFields::read_input`])
+    /// only for a `tool_use` block.
+    input: Option<&'a str>,
+    input_value: Option<Value>,
+    tool_use_id: Option<Lite<'a>>,
+    is_error: Option<Lite<'a>>,
 }
 
 impl<'a> BlockFields<'a> {
-    /// The same decision as [`Block::of_value`]; `None` is a block that is not an object.
+    /// One item of `content`: `Some(None)` when it is not an object.
+    fn read(sc: &mut Scanner<'a>) -> Option<Option<BlockFields<'a>>> {
+        if sc.peek()? != b'{' {
+            sc.skip()?;
+            return Some(None);
+        }
+        let mut b = BlockFields::default();
+        sc.object(|sc, key| {
+            let slot = match &*key {
+                "text" => {
+                    b.text_is_str = sc.is_string()?;
+                    return Some(true);
+                }
+                "input" => {
+                    b.input = Some(sc.raw()?);
+                    return Some(true);
+                }
+                "type" => &mut b.kind,
+                "id" => &mut b.id,
+                "name" => &mut b.name,
+                "tool_use_id" => &mut b.tool_use_id,
+                "is_error" => &mut b.is_error,
+                _ => return Some(false),
+            };
+            *slot = Some(sc.lite()?);
+            Some(true)
+        })?;
+        Some(Some(b))
+    }
+
+    /// A `tool_use` block's `input` as a `Value` (`Null` when absent);
+    /// `None` only when it does not read (cannot happen for scanned text).
+    fn read_input(&mut self) -> Option<()> {
+        if self.kind.as_ref().and_then(Lite::as_str) == Some("tool_use") {
+            self.input_value = Some(match self.input {
+                Some(raw) => serde_json::from_str(raw).ok()?,
+                None => Value::Null,
+            });
+        }
+        Some(())
+    }
+
+    /// The same decision as [`Block::of_value`] (after [`BlockFields::read_input`]).
     fn into_block(b: Option<BlockFields<'a>>) -> Block<'a> {
-        let Some(b) = b else { return Block::Other };
-        match b.kind.as_ref().and_then(Scalar::as_str) {
-            Some("text") => Block::Text(b.text.as_ref().is_some_and(|t| t.as_str().is_some())),
+        let Some(b) = b else {
+            return Block::Other;
+        };
+        let s = |l: Option<Lite<'a>>| l.and_then(Lite::into_str);
+        match b.kind.as_ref().and_then(Lite::as_str) {
+            Some("text") => Block::Text(b.text_is_str),
             Some("thinking") | Some("redacted_thinking") => Block::Thinking,
             Some("tool_use") => Block::ToolUse {
-                id: b.id.and_then(Scalar::into_str),
-                name: b.name.and_then(Scalar::into_str).unwrap_or_default(),
-                input: b.input.unwrap_or(Value::Null),
+                input: b.input_value.unwrap_or(Value::Null),
+                id: s(b.id),
+                name: s(b.name).unwrap_or_default(),
             },
             Some("tool_result") => Block::ToolResult {
-                tool_use_id: b.tool_use_id.and_then(Scalar::into_str),
+                tool_use_id: s(b.tool_use_id),
                 is_error: b.is_error.and_then(|e| e.as_bool()).unwrap_or(false),
             },
             _ => Block::Other,
         }
-    }
-}
-
-impl<'de> Fields<'de> for Hot<'de> {
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
-        if key != "message" {
-            return Ok(false);
-        }
-        let message: ObjectOf<MessageFields<'de>> = map.next_value()?;
-        self.blocks = message.0.and_then(|m| m.content).unwrap_or_default();
-        Ok(true)
-    }
-}
-
-impl<'de> Fields<'de> for MessageFields<'de> {
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
-        if key != "content" {
-            return Ok(false);
-        }
-        let content: ArrayOf<ObjectOf<BlockFields<'de>>> = map.next_value()?;
-        self.content = content.0.map(|v| v.into_iter().map(|b| b.0).collect());
-        Ok(true)
-    }
-}
-
-impl<'de> Fields<'de> for BlockFields<'de> {
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
-        let slot = match key {
-            "input" => {
-                self.input = Some(map.next_value()?);
-                return Ok(true);
-            }
-            "type" => &mut self.kind,
-            "text" => &mut self.text,
-            "id" => &mut self.id,
-            "name" => &mut self.name,
-            "tool_use_id" => &mut self.tool_use_id,
-            "is_error" => &mut self.is_error,
-            _ => return Ok(false),
-        };
-        *slot = Some(map.next_value()?);
-        Ok(true)
     }
 }
 
@@ -531,6 +618,47 @@ mod tests {
             r#"{"type":"result","subtype":"error_max_turns","is_error":false}"#,
         );
         assert_eq!(f.end_of_turn, Some(true));
+    }
+
+    /// The fast path takes these lines and gives what the full path gives
+    /// (several blocks, items that are not objects, duplicated keys, escaped
+    /// keys and values); the odd ones at the end it declines.
+    #[test]
+    fn fast_path_takes_hot_lines_and_agrees() {
+        use crate::stream::{Frame, process_line, process_line_full};
+        let taken = [
+            r#"{"type":"assistant","session_id":"s1","message":{"content":[{"type":"text","text":"a\nb"},1,null,{"type":"thinking"},{"type":"tool_use","id":"t\u0031","name":"Bash","input":{"command":"ls","timeout":60000}},{"type":"tool_use","id":"t2","name":"Read"}]}}"#,
+            r#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t1","is_error":true},"x",{"type":"tool_result","tool_use_id":"t2","is_error":1}]},"session_id":5}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":1}],"content":[{"type":"text","text":"b","text":2}]}}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"a"}]},"message":{"content":"no"}}"#,
+            r#"{"type":"user","typ\u0065":"assistant","message":[],"session_id":"a","session_id":"b\"c"}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"tool_use","type":"text","text":"x"}]}}"#,
+        ];
+        let declined = [
+            r#"{"type":"result","is_error":false}"#,
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"\ud800"}]}}"#,
+            r#"{"type":"assistant","n":1e400}"#,
+            r#"{"type":"assistant"} x"#,
+            r#"{"message":{}}"#,
+        ];
+        let (mut fast, mut full) = (ClaudeParser::default(), ClaudeParser::default());
+        for (i, line) in taken.iter().chain(&declined).enumerate() {
+            let probe = ClaudeParser::default().fast_line(line, 1, &mut Vec::new());
+            assert_eq!(probe.is_some(), i < taken.len(), "{line}");
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let fa = process_line(Frame::Line(line.as_bytes()), 1, &mut fast, &mut a);
+            let fb = process_line_full(Frame::Line(line.as_bytes()), 1, &mut full, &mut b);
+            assert_eq!(fa, fb, "{line}");
+            let strip = |rows: &[EventRow]| -> Vec<EventRow> {
+                rows.iter()
+                    .map(|r| EventRow {
+                        tool_duration_ms: r.tool_duration_ms.map(|_| 0),
+                        ..r.clone()
+                    })
+                    .collect()
+            };
+            assert_eq!(strip(&a), strip(&b), "{line}");
+        }
     }
 
     #[test]

@@ -167,6 +167,8 @@ proptest! {
 #[derive(Debug, Clone)]
 enum Node {
     Raw(&'static str),
+    /// `n` nested arrays around a number.
+    Deep(usize),
     Str(String),
     Arr(Vec<Node>),
     Obj(Vec<(String, Node)>),
@@ -176,6 +178,11 @@ impl Node {
     fn render(&self, out: &mut String) {
         match self {
             Node::Raw(r) => out.push_str(r),
+            Node::Deep(n) => {
+                out.push_str(&"[".repeat(*n));
+                out.push('1');
+                out.push_str(&"]".repeat(*n));
+            }
             Node::Str(s) => {
                 out.push('"');
                 out.push_str(s);
@@ -210,7 +217,7 @@ impl Node {
 
 /// String contents as they appear between the quotes (already escaped).
 fn raw_string() -> impl Strategy<Value = String> {
-    prop_oneof![
+    let plain = prop_oneof![
         Just("text".to_string()),
         Just("tool_use".to_string()),
         Just("tool_result".to_string()),
@@ -224,7 +231,31 @@ fn raw_string() -> impl Strategy<Value = String> {
         Just("lone \\ud99c".to_string()),
         Just("t\\u0031".to_string()),
         "[a-z ]{0,8}",
-    ]
+    ];
+    // every escape, and broken ones
+    let escapes = prop_oneof![
+        Just("\\b\\f\\/\\\\\\r\\t\\u0000\\u001F\\uFFFF".to_string()),
+        Just("\\uD83D\\uDE00 \\udbff\\udfff".to_string()),
+        Just("\\ud800\\u0041".to_string()),
+        Just("\\ud800x".to_string()),
+        Just("\\ude00".to_string()),
+        Just("\\u12".to_string()),
+        Just("\\u12g4".to_string()),
+        Just("\\x".to_string()),
+        Just("t\\u0031\\u0032".to_string()),
+        Just("tool_\\u0075se".to_string()),
+        Just("assist\\u0061nt".to_string()),
+    ];
+    // raw bytes serde_json refuses inside a string, and ones it takes
+    let raw = prop_oneof![
+        Just("tab\there".to_string()),
+        Just("nul\u{0}".to_string()),
+        Just("x\u{1f}".to_string()),
+        Just("é😀\u{7f}\u{80}".to_string()),
+    ];
+    // long bodies, plain or with escapes (the scanner's fast skip)
+    let long = "([a-z é]|\\\\n|\\\\\"){0,120}";
+    prop_oneof![8 => plain, 3 => escapes, 1 => raw, 3 => long]
 }
 
 fn node() -> impl Strategy<Value = Node> {
@@ -238,6 +269,34 @@ fn node() -> impl Strategy<Value = Node> {
         Just(Node::Raw("2.5")),
         Just(Node::Raw("1e400")),
         Just(Node::Raw("18446744073709551616")),
+        prop::sample::select(vec![
+            "-0",
+            "0.0",
+            "-0.0",
+            "1E5",
+            "1e+5",
+            "1e-5",
+            "1e-400",
+            "-1e400",
+            "1e99",
+            "1e100",
+            "2.5e-3",
+            "123456789012345678",
+            "-123456789012345678",
+            "1234567890123456789",
+            "-9223372036854775808",
+            "01",
+            "1.",
+            "-",
+            ".5",
+            "1e",
+            "tru",
+            "nul",
+            "3.14159265358979323846264338327950288",
+        ])
+        .prop_map(Node::Raw),
+        // nesting around the scanner's limit (64) and serde_json's (128)
+        prop_oneof![55usize..70, 120usize..132].prop_map(Node::Deep),
         raw_string().prop_map(Node::Str),
     ];
     let key = prop_oneof![
@@ -253,6 +312,10 @@ fn node() -> impl Strategy<Value = Node> {
         Just("content".to_string()),
         Just("message".to_string()),
         Just("session_id".to_string()),
+        Just("inp\\u0075t".to_string()),
+        Just("cont\\u0065nt".to_string()),
+        Just("messag\\u0065".to_string()),
+        Just("session\\u005fid".to_string()),
         "[a-z]{1,4}",
     ];
     leaf.prop_recursive(5, 64, 6, move |inner| {
@@ -345,7 +408,7 @@ fn claude_line() -> impl Strategy<Value = String> {
         kind,
         prop::collection::vec(block(), 0..4),
         node(),
-        0u8..8,
+        0u8..13,
         any::<bool>(),
     )
         .prop_map(|(kind, blocks, odd, shape, session_first)| {
@@ -376,11 +439,67 @@ fn claude_line() -> impl Strategy<Value = String> {
             }
             let mut out = String::new();
             Node::Obj(f).render(&mut out);
-            if shape == 5 {
-                out.push_str(" x"); // trailing garbage
+            match shape {
+                5 => out.push_str(" x"), // trailing garbage
+                8 => out = format!(" \t\r{out} \r\t"),
+                9 => out.push('\u{c}'), // not JSON whitespace
+                10 => out = format!("[{out}]"),
+                11 => out = format!("{},}}", &out[..out.len() - 1]), // trailing comma
+                12 => out = out.replacen(':', " :\t", 2).replacen(',', "\n,", 2),
+                _ => {}
             }
             out
         })
+}
+
+/// Lines like the benchmark's (BENCHMARKS.md), escapes included: the fast
+/// path takes them (a scanner that always declined would pass the
+/// equivalence tests) and agrees with the full path.
+#[test]
+fn fast_path_accepts_benchmark_like_lines() {
+    let text = format!(
+        "{}\\n\\\"quoted\\\" \\t\\u00e9 \\ud83d\\ude00 {}",
+        "lorem ipsum dolor sit amet ".repeat(10),
+        "é😀 x".repeat(20)
+    );
+    let lines = [
+        format!(
+            r#"{{"message":{{"content":[{{"text":"{text}","type":"text"}}],"id":"msg_1","model":"m","role":"assistant","stop_reason":null,"type":"message","usage":{{"input_tokens":10,"output_tokens":20}}}},"parent_tool_use_id":null,"session_id":"bench-session","type":"assistant"}}"#
+        ),
+        r#"{"message":{"content":[{"id":"toolu_1","input":{"command":"echo \"hi\"\nls","timeout":60000,"f":1.5},"name":"Bash","type":"tool_use"}],"id":"msg_2","role":"assistant","type":"message","usage":{"input_tokens":10,"output_tokens":20}},"session_id":"bench-session","type":"assistant"}"#.to_string(),
+        r#"{"message":{"content":[{"content":"out \"x\"\n","is_error":false,"tool_use_id":"toolu_1","type":"tool_result"}],"role":"user"},"session_id":"bench-session","type":"user"}"#.to_string(),
+        " {\"type\" : \"assistant\",\t\"message\":{\"content\":[{\"type\":\"thinking\",\"thinking\":\"hm\\n\"},{\"type\":\"text\",\"text\":\"a\"}]},\"session_id\":\"s\\u0031\"}\r".to_string(),
+    ];
+    let mut probe = runtime::claude::ClaudeParser::default();
+    for l in &lines {
+        assert!(
+            probe.fast_line(l, 1, &mut Vec::new()).is_some(),
+            "declined {l}"
+        );
+    }
+    let bytes: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+    assert_paths_agree("claude", &bytes).unwrap();
+}
+
+/// Not vacuous: many generated claude-like lines do take the fast path
+/// (the rest are declined or invalid and take the full path).
+#[test]
+fn claude_like_lines_often_take_the_fast_path() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let lines = claude_line();
+    let n = 500;
+    let mut fast = 0;
+    for _ in 0..n {
+        let line = lines.new_tree(&mut runner).unwrap().current();
+        let mut p = runtime::claude::ClaudeParser::default();
+        if p.fast_line(&line, 1, &mut Vec::new()).is_some() {
+            fast += 1;
+        }
+    }
+    eprintln!("{fast} of {n} claude-like lines took the fast path");
+    assert!(fast * 8 >= n, "only {fast} of {n} took the fast path");
 }
 
 /// Rows as the two paths must agree on them (a duration is a clock reading:
