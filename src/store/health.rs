@@ -53,10 +53,18 @@ pub fn inspect(path: &Path, table: &str, column: &str) -> Result<Health> {
     let mut st = conn
         .prepare("PRAGMA quick_check")
         .map_err(|e| classify("checking integrity", Some(path), e))?;
-    let problems: Vec<String> = st
+    // A damaged page can stop the check itself (SQLITE_CORRUPT) instead of
+    // being listed: the file is still ours, and still fails the check.
+    let problems: Vec<String> = match st
         .query_map([], |r| r.get::<_, String>(0))
         .and_then(|rows| rows.collect())
-        .map_err(|e| classify("checking integrity", Some(path), e))?;
+    {
+        Ok(rows) => rows,
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseCorrupt) => {
+            vec![e.to_string()]
+        }
+        Err(e) => return Err(classify("checking integrity", Some(path), e)),
+    };
     // One row may hold many lines, under "*** in database main ***" headers.
     let problems = problems
         .iter()

@@ -566,13 +566,19 @@ fn doctor_fails_a_store_that_fails_the_integrity_check() {
     let c = t.db("events.db");
     c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
     drop(c);
-    // Zero the second half of the file: the events table's pages.
+    // Zero the cells of the second half of the file's pages (the events
+    // table's), keeping each page's header: every cell is then out of range.
     let path = t.root().join("events.db");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let len = bytes.len();
+    let page = t
+        .sqlite_file("events.db")
+        .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+        .unwrap() as usize;
+    let pristine = std::fs::read(&path).unwrap();
+    let len = pristine.len();
     assert!(len > 64 * 4096, "events.db is {len} bytes");
-    for b in &mut bytes[len / 2..len - 4096] {
-        *b = 0;
+    let mut bytes = pristine.clone();
+    for start in (len / 2 / page * page..len - page).step_by(page) {
+        bytes[start + 12..start + page].fill(0);
     }
     std::fs::write(&path, bytes).unwrap();
     let (code, checks) = doctor(&t, &[]);
@@ -581,6 +587,17 @@ fn doctor_fails_a_store_that_fails_the_integrity_check() {
     let detail = c["detail"].as_str().unwrap();
     assert!(detail.contains("fails SQLite's quick_check: "), "{c:#}");
     assert!(detail.contains("more)"), "{c:#}");
+    // A whole page of the table zeroed stops the check itself: still ours,
+    // still failing the check (not "not a runner database").
+    let mut bytes = pristine;
+    bytes[len / 2 / page * page..len - page].fill(0);
+    std::fs::write(&path, bytes).unwrap();
+    let (code, checks) = doctor(&t, &[]);
+    assert_eq!(code, 1);
+    let c = expect(&checks, "store events.db", "fail", "");
+    let detail = c["detail"].as_str().unwrap();
+    assert!(detail.contains("fails SQLite's quick_check: "), "{c:#}");
+    assert!(detail.contains("malformed"), "{c:#}");
 }
 
 #[test]
