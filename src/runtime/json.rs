@@ -4,7 +4,8 @@
 //! [`Scanner`] is a hand-written byte reader that walks a line once,
 //! validating it, and hands the caller each object key so that a runtime
 //! reads the few fields a hot line needs and skips the rest (string bodies
-//! 16 bytes at a time). Invariant: it ACCEPTS (returns `Some`) only a line
+//! by vectorized 16-byte tests and `memchr`, never byte by byte). It also
+//! serves `stream.rs`'s lone-surrogate repair. Invariant: it ACCEPTS (returns `Some`) only a line
 //! `serde_json::from_str::<Value>` accepts, and what it returns is what that
 //! `Value` holds: strings unescaped exactly as serde_json does (borrowed when
 //! they have no escape), whitespace only ` \t\n\r`, control bytes in strings
