@@ -329,7 +329,7 @@ impl Parser for ClaudeParser {
         let mut hot = Hot::read(text)?;
         let kind = hot.kind?;
         // The last step that may decline, before the parser is touched.
-        for b in hot.blocks.iter_mut() {
+        for b in hot.blocks.iter_mut().flatten() {
             b.read_input()?;
         }
         let blocks = hot.blocks.into_iter().map(BlockFields::into_block);
@@ -354,34 +354,7 @@ impl Parser for ClaudeParser {
 struct Hot<'a> {
     kind: Option<&'static str>,
     session_id: Option<Lite<'a>>,
-    blocks: Blocks<'a>,
-}
-
-/// The items of `content` (`None`: an item that is not an object); the
-/// first one kept inline, as a hot line has one block (no allocation).
-#[derive(Default)]
-struct Blocks<'a> {
-    first: Option<Option<BlockFields<'a>>>,
-    more: Vec<Option<BlockFields<'a>>>,
-}
-
-impl<'a> Blocks<'a> {
-    fn push(&mut self, b: Option<BlockFields<'a>>) {
-        if self.first.is_none() {
-            self.first = Some(b);
-        } else {
-            self.more.push(b);
-        }
-    }
-
-    /// The blocks that are objects, in order.
-    fn iter_mut(&mut self) -> impl Iterator<Item = &mut BlockFields<'a>> {
-        self.first.iter_mut().chain(self.more.iter_mut()).flatten()
-    }
-
-    fn into_iter(self) -> impl Iterator<Item = Option<BlockFields<'a>>> {
-        self.first.into_iter().chain(self.more)
-    }
+    blocks: Vec<Option<BlockFields<'a>>>,
 }
 
 impl<'a> Hot<'a> {
@@ -392,7 +365,7 @@ impl<'a> Hot<'a> {
         let mut hot = Hot {
             kind: None,
             session_id: None,
-            blocks: Blocks::default(),
+            blocks: Vec::new(),
         };
         json::read_object(text, |sc, key| {
             match &*key {
@@ -415,8 +388,8 @@ impl<'a> Hot<'a> {
 
 /// `message`: the blocks of its `content` (none when either is not the
 /// expected object / array).
-fn message_blocks<'a>(sc: &mut Scanner<'a>) -> Option<Blocks<'a>> {
-    let mut blocks = Blocks::default();
+fn message_blocks<'a>(sc: &mut Scanner<'a>) -> Option<Vec<Option<BlockFields<'a>>>> {
+    let mut blocks = Vec::new();
     if sc.peek()? != b'{' {
         sc.skip()?;
         return Some(blocks);
@@ -425,7 +398,7 @@ fn message_blocks<'a>(sc: &mut Scanner<'a>) -> Option<Blocks<'a>> {
         if key != "content" {
             return Some(false);
         }
-        blocks = Blocks::default();
+        blocks.clear();
         if sc.peek()? == b'[' {
             sc.array(|sc| {
                 blocks.push(BlockFields::read(sc)?);

@@ -4,7 +4,8 @@
 //! [`Scanner`] is a hand-written byte reader that walks a line once,
 //! validating it, and hands the caller each object key so that a runtime
 //! reads the few fields a hot line needs and skips the rest (string bodies
-//! 16 bytes at a time). Invariant: it ACCEPTS (returns `Some`) only a line
+//! by vectorized 16-byte tests and `memchr`, never byte by byte). It also
+//! serves `stream.rs`'s lone-surrogate repair. Invariant: it ACCEPTS (returns `Some`) only a line
 //! `serde_json::from_str::<Value>` accepts, and what it returns is what that
 //! `Value` holds: strings unescaped exactly as serde_json does (borrowed when
 //! they have no escape), whitespace only ` \t\n\r`, control bytes in strings
@@ -325,30 +326,53 @@ impl<'a> Scanner<'a> {
     }
 
     /// Moves to the first `"`, `\` or control byte at or after the cursor
-    /// (or to the end), 16 bytes at a time: the compiler turns the chunk
-    /// test into vector compares, and the first hit is the lowest set byte
-    /// of the chunk's mask.
+    /// (or to the end). The first 16 bytes are tested at once (the compiler
+    /// turns the test into vector compares; the first hit is the lowest set
+    /// byte of the mask): most strings end there. A longer run is searched
+    /// with `memchr2` for `"`/`\`, and the span before it checked for a
+    /// control byte with a min-reduction (also vectorized).
     #[inline(always)]
     fn skip_plain(&mut self) {
         const W: usize = 16;
         let b = self.b;
-        let mut i = self.i;
-        while let Some(chunk) = b.get(i..).and_then(<[u8]>::first_chunk::<W>) {
-            let mut hits = [0u8; W];
-            for (h, &c) in hits.iter_mut().zip(chunk) {
-                *h = 0u8.wrapping_sub(special(c) as u8);
-            }
-            let mask = u128::from_le_bytes(hits);
-            if mask != 0 {
-                self.i = i + (mask.trailing_zeros() / 8) as usize;
-                return;
-            }
-            i += W;
+        let i = self.i;
+        let Some(chunk) = b.get(i..).and_then(<[u8]>::first_chunk::<W>) else {
+            self.skip_plain_short();
+            return;
+        };
+        let mut hits = [0u8; W];
+        for (h, &c) in hits.iter_mut().zip(chunk) {
+            *h = 0u8.wrapping_sub(special(c) as u8);
         }
-        while b.get(i).is_some_and(|&c| !special(c)) {
-            i += 1;
+        let mask = u128::from_le_bytes(hits);
+        if mask != 0 {
+            self.i = i + (mask.trailing_zeros() / 8) as usize;
+        } else {
+            self.skip_plain_long(i + W);
         }
-        self.i = i;
+    }
+
+    /// [`Scanner::skip_plain`] on fewer than 16 bytes left in the line.
+    #[inline(never)]
+    fn skip_plain_short(&mut self) {
+        while self.b.get(self.i).is_some_and(|&c| !special(c)) {
+            self.i += 1;
+        }
+    }
+
+    /// [`Scanner::skip_plain`] past a first 16 plain bytes, from `from`.
+    #[inline(never)]
+    fn skip_plain_long(&mut self, from: usize) {
+        let rest = self.b.get(from..).unwrap_or_default();
+        let n = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+        let span = &rest[..n];
+        let low = span.iter().fold(u8::MAX, |m, &c| m.min(c));
+        self.i = from
+            + if low < 0x20 {
+                span.iter().position(|&c| c < 0x20).unwrap_or(n)
+            } else {
+                n
+            };
     }
 
     /// A string (the cursor at its `"`), unescaped; borrowed from the line
@@ -634,6 +658,10 @@ mod tests {
             r#"[1]"#.into(),
             r#""s""#.into(),
             "1".into(),
+            format!("{{\"s\":\"{}\u{1}{}\"}}", "x".repeat(40), "y".repeat(40)),
+            format!("{{\"s\":\"{}\u{1f}\"}}", "é".repeat(30)),
+            format!("{{\"s\":\"{}\\q{}\"}}", "x".repeat(40), "y".repeat(40)),
+            format!("{{\"s\":\"{}", "x".repeat(40)),
             deep(MAX_DEPTH + 1),
             deep(127),
             deep(129),
@@ -656,6 +684,8 @@ mod tests {
             r#"{"typ\u0065":"x","\u0000":null,"é😀":true,"":false}"#.into(),
             "{\"s\":\"é😀\u{7f}\u{80}\u{7ff}\"}".into(),
             deep(MAX_DEPTH),
+            format!("{{\"s\":\"{}\\n{}\\\"{}\"}}", "x".repeat(40), "é".repeat(40), "😀".repeat(9)),
+            format!("{{\"{}\":\"{}\"}}", "k".repeat(17), "\u{7f}".repeat(33)),
         ];
         for c in &accepted {
             assert!(check(c).unwrap(), "should accept {c:?}");
