@@ -580,24 +580,22 @@ fn doctor_fails_a_store_that_fails_the_integrity_check() {
     for start in (len / 2 / page * page..len - page).step_by(page) {
         bytes[start + 12..start + page].fill(0);
     }
-    std::fs::write(&path, bytes).unwrap();
-    let (code, checks) = doctor(&t, &[]);
-    assert_eq!(code, 1);
-    let c = expect(&checks, "store events.db", "fail", "");
-    let detail = c["detail"].as_str().unwrap();
-    assert!(detail.contains("fails SQLite's quick_check: "), "{c:#}");
-    assert!(detail.contains("more)"), "{c:#}");
+    // doctor fails the file's integrity check, naming what it found.
+    let fails_quick_check = |bytes: Vec<u8>, found: &str| {
+        std::fs::write(&path, bytes).unwrap();
+        let (code, checks) = doctor(&t, &[]);
+        assert_eq!(code, 1);
+        let c = expect(&checks, "store events.db", "fail", "");
+        let detail = c["detail"].as_str().unwrap();
+        assert!(detail.contains("fails SQLite's quick_check: "), "{c:#}");
+        assert!(detail.contains(found), "{c:#}");
+    };
+    fails_quick_check(bytes, "more)");
     // A whole page of the table zeroed stops the check itself: still ours,
     // still failing the check (not "not a runner database").
     let mut bytes = pristine;
     bytes[len / 2 / page * page..len - page].fill(0);
-    std::fs::write(&path, bytes).unwrap();
-    let (code, checks) = doctor(&t, &[]);
-    assert_eq!(code, 1);
-    let c = expect(&checks, "store events.db", "fail", "");
-    let detail = c["detail"].as_str().unwrap();
-    assert!(detail.contains("fails SQLite's quick_check: "), "{c:#}");
-    assert!(detail.contains("malformed"), "{c:#}");
+    fails_quick_check(bytes, "malformed");
 }
 
 #[test]
