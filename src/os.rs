@@ -600,7 +600,7 @@ mod tests {
 
     #[test]
     fn holds_entry_equals_splitting_on_nul() {
-        let envs: [&[u8]; 6] = [
+        let envs: [&[u8]; 7] = [
             b"",
             b"A=1\0B=2\0",
             b"A=1\0B=2",
