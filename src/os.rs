@@ -98,13 +98,36 @@ pub fn is_alive(pid: i32, expected_start: Option<u64>) -> bool {
     }
 }
 
-/// Every pid in `/proc`.
+/// Every pid in `/proc`. Read with `readdir(3)` and no allocation per
+/// entry: `std::fs::read_dir` allocates (and frees) twice per entry, most of
+/// what a turn's end-of-turn scan of a few hundred processes cost.
 pub fn all_pids() -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+    use nix::libc;
+    // SAFETY: a NUL-terminated path; the result is checked for NULL.
+    let dir = unsafe { libc::opendir(c"/proc".as_ptr()) };
+    if dir.is_null() {
         return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .collect()
+    }
+    let mut out = Vec::with_capacity(512);
+    loop {
+        // SAFETY: `dir` is an open directory stream, read by this thread only.
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: `d_name` of the entry just returned is NUL-terminated and
+        // valid until the next readdir on `dir`; it is copied out before.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+        if let Some(pid) = std::str::from_utf8(name.to_bytes())
+            .ok()
+            .and_then(|n| n.parse::<i32>().ok())
+        {
+            out.push(pid);
+        }
+    }
+    // SAFETY: `dir` came from opendir and is closed once.
+    unsafe { libc::closedir(dir) };
+    out
 }
 
 /// True when `/proc/<pid>/environ` holds exactly `needle` (`KEY=value`).
@@ -112,7 +135,20 @@ pub fn environ_contains(pid: i32, needle: &[u8]) -> bool {
     let Some(env) = read_proc(format!("/proc/{pid}/environ"), 8 * 1024) else {
         return false;
     };
-    env.split(|&b| b == 0).any(|kv| kv == needle)
+    holds_entry(&env, needle)
+}
+
+/// Whether the NUL-separated `env` has an entry equal to `needle`: an
+/// occurrence bounded by NULs (or the ends). memmem, not a byte-by-byte
+/// split: a turn's end reads the environment of every process born since
+/// its agent.
+fn holds_entry(env: &[u8], needle: &[u8]) -> bool {
+    // No entry holds a NUL.
+    !needle.contains(&0)
+        && memchr::memmem::find_iter(env, needle).any(|i| {
+            let end = i + needle.len();
+            (i == 0 || env[i - 1] == 0) && (end == env.len() || env[end] == 0)
+        })
 }
 
 /// How to recognise the processes of one turn.
@@ -559,6 +595,28 @@ mod tests {
         ];
         for raw in odd {
             assert_eq!(parse_stat(1, raw), parse_stat_reference(1, raw), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn holds_entry_equals_splitting_on_nul() {
+        let envs: [&[u8]; 7] = [
+            b"",
+            b"A=1\0B=2\0",
+            b"A=1\0B=2",
+            b"XA=1\0A=1X\0",
+            b"A=1",
+            b"B=2\0\0A=1\0",
+            b"=1\0B",
+        ];
+        for env in envs {
+            for needle in [&b"A=1"[..], b"B=2", b"A=", b"=1\0B"] {
+                assert_eq!(
+                    holds_entry(env, needle),
+                    env.split(|&b| b == 0).any(|kv| kv == needle),
+                    "{env:?} {needle:?}"
+                );
+            }
         }
     }
 

@@ -8,8 +8,10 @@
 //! statement of the project. Invariants: table and column names stay
 //! overstory's, we only add; an existing overstory database is upgraded in
 //! place; a file that is not one of ours is reported, never overwritten;
-//! multi-statement writes run in `BEGIN IMMEDIATE` transactions. Non-goal:
-//! deciding anything — callers pass in what to write.
+//! multi-statement writes run in `BEGIN IMMEDIATE` transactions; a process
+//! that exits right after its work (`runner turn`) may leave its idle SQLite
+//! connections to the exit ([`close_or_leave`]). Non-goal: deciding
+//! anything — callers pass in what to write.
 
 pub mod db;
 pub mod events;

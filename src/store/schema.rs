@@ -6,6 +6,10 @@
 //! upgraded in place: `bead_id` becomes `task_id`, missing columns are added,
 //! the old five-state `CHECK` on `sessions.state` is dropped (as overstory
 //! 0.11 does) and the mail type `CHECK` is widened to SPEC §2.3's list.
+//! Every process opens the files afresh, so the look that decides whether a
+//! file is ours and up to date (done on every open) prepares no statement
+//! beyond `PRAGMA user_version`: tables and columns are looked up in the
+//! schema SQLite has already loaded.
 
 use std::path::Path;
 
