@@ -132,33 +132,65 @@ impl<'a> Scanner<'a> {
         if self.peek()? != b'{' {
             return None;
         }
-        if self.open(b'}')? {
-            loop {
-                let key = self.key(Self::string)?;
-                if !f(self, key)? {
-                    self.skip()?;
+        self.enter()?;
+        if self.peek()? == b'}' {
+            self.i += 1;
+            self.depth -= 1;
+            return Some(());
+        }
+        loop {
+            if self.peek()? != b'"' {
+                return None;
+            }
+            let key = self.string()?;
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.i += 1;
+            if !f(self, key)? {
+                self.skip()?;
+            }
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Some(());
                 }
-                if !self.more(b'}')? {
-                    break;
-                }
+                _ => return None,
             }
         }
-        Some(())
     }
 
     /// [`Scanner::object`] with every value skipped (keys validated, not
     /// unescaped).
     fn skip_object(&mut self) -> Option<()> {
-        if self.open(b'}')? {
-            loop {
-                self.key(Self::skip_string)?;
-                self.skip()?;
-                if !self.more(b'}')? {
-                    break;
+        self.enter()?;
+        if self.peek()? == b'}' {
+            self.i += 1;
+            self.depth -= 1;
+            return Some(());
+        }
+        loop {
+            if self.peek()? != b'"' {
+                return None;
+            }
+            self.skip_string()?;
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.i += 1;
+            self.skip()?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Some(());
                 }
+                _ => return None,
             }
         }
-        Some(())
     }
 
     /// Reads an array, calling `f` with the cursor at each item (`f` reads
@@ -167,59 +199,24 @@ impl<'a> Scanner<'a> {
         if self.peek()? != b'[' {
             return None;
         }
-        if self.open(b']')? {
-            loop {
-                f(self)?;
-                if !self.more(b']')? {
-                    break;
-                }
-            }
-        }
-        Some(())
-    }
-
-    /// Enters the object or array at the cursor: false (and left again)
-    /// when it is empty, true when an item follows.
-    #[inline]
-    fn open(&mut self, close: u8) -> Option<bool> {
         self.enter()?;
-        if self.peek()? == close {
+        if self.peek()? == b']' {
             self.i += 1;
             self.depth -= 1;
-            return Some(false);
+            return Some(());
         }
-        Some(true)
-    }
-
-    /// After an item: true past a `,`, false past the closing `close`.
-    #[inline]
-    fn more(&mut self, close: u8) -> Option<bool> {
-        match self.peek()? {
-            b',' => {
-                self.i += 1;
-                Some(true)
+        loop {
+            f(self)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b']' => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Some(());
+                }
+                _ => return None,
             }
-            c if c == close => {
-                self.i += 1;
-                self.depth -= 1;
-                Some(false)
-            }
-            _ => None,
         }
-    }
-
-    /// A key (read with `read`) and its `:`.
-    #[inline]
-    fn key<T>(&mut self, read: impl FnOnce(&mut Self) -> Option<T>) -> Option<T> {
-        if self.peek()? != b'"' {
-            return None;
-        }
-        let key = read(self)?;
-        if self.peek()? != b':' {
-            return None;
-        }
-        self.i += 1;
-        Some(key)
     }
 
     /// Walks (validates) any value and drops it.
