@@ -138,6 +138,21 @@ pub fn environ_contains(pid: i32, needle: &[u8]) -> bool {
     holds_entry(&env, needle)
 }
 
+/// Whether the environment of `pid` has an entry starting with `prefix`
+/// (`NAME=`: the variable is set, to any value).
+pub fn environ_has(pid: i32, prefix: &[u8]) -> bool {
+    let Some(env) = read_proc(format!("/proc/{pid}/environ"), 8 * 1024) else {
+        return false;
+    };
+    holds_prefix(&env, prefix)
+}
+
+/// Whether the NUL-separated `env` has an entry starting with `prefix`.
+fn holds_prefix(env: &[u8], prefix: &[u8]) -> bool {
+    !prefix.contains(&0)
+        && memchr::memmem::find_iter(env, prefix).any(|i| i == 0 || env[i - 1] == 0)
+}
+
 /// Whether the NUL-separated `env` has an entry equal to `needle`: an
 /// occurrence bounded by NULs (or the ends). memmem, not a byte-by-byte
 /// split: a turn's end reads the environment of every process born since
@@ -201,8 +216,7 @@ impl TurnProcs {
             && s.ppid == me
             && !owned.contains(&s.pid)
             && self.agent_start.is_none_or(|t| s.start_time >= t)
-            && (!environ_contains(s.pid, b"RUNNER_TURN_ID=")
-                || environ_contains(s.pid, &self.env_tag))
+            && (!environ_has(s.pid, b"RUNNER_TURN_ID=") || environ_contains(s.pid, &self.env_tag))
     }
 
     /// The live (non-zombie) processes of the turn: the agent, its process
@@ -618,6 +632,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn holds_prefix_finds_a_variable_set_to_anything() {
+        let envs: [&[u8]; 6] = [
+            b"",
+            b"RUNNER_TURN_ID=t-1\0B=2\0",
+            b"B=2\0RUNNER_TURN_ID=\0",
+            b"XRUNNER_TURN_ID=t\0",
+            b"B=RUNNER_TURN_ID=t\0",
+            b"RUNNER_TURN_ID",
+        ];
+        for env in envs {
+            assert_eq!(
+                holds_prefix(env, b"RUNNER_TURN_ID="),
+                env.split(|&b| b == 0)
+                    .any(|kv| kv.starts_with(b"RUNNER_TURN_ID=")),
+                "{env:?}"
+            );
+        }
+        assert!(holds_prefix(b"A=1\0RUNNER_TURN_ID=t-2", b"RUNNER_TURN_ID="));
     }
 
     #[test]
