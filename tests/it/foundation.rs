@@ -462,3 +462,29 @@ fn recover_keeps_what_it_is_not_told_to_change() {
         .status(2)
         .one_line_error("does not exist");
 }
+
+/// A turn leaves no long WAL behind: the next process to open a file would
+/// read all of it to rebuild its index. One that grew past 1 MiB is
+/// checkpointed and emptied when the turn lets its connection go.
+#[test]
+fn a_turn_leaves_no_long_wal_behind() {
+    let t = TestRoot::sqlite();
+    t.agent(
+        "b1",
+        "builder",
+        None,
+        &["--lines", "4000", "--line-bytes", "600"],
+    );
+    t.mail("lead", "b1", "go");
+    t.run(["turn", "--agent", "b1"]).status(0);
+    let wal = std::fs::metadata(t.root().join("events.db-wal")).map_or(0, |m| m.len());
+    assert!(wal <= 1 << 20, "events.db-wal is {wal} bytes");
+    // Every row is still there, in the database file itself.
+    assert_eq!(
+        t.i64(
+            "events.db",
+            "SELECT COUNT(*) FROM events WHERE event_type='progress'"
+        ),
+        4000
+    );
+}
