@@ -591,10 +591,11 @@ fn doctor_fails_a_store_that_fails_the_integrity_check() {
         assert!(detail.contains(found), "{c:#}");
     };
     fails_quick_check(bytes, "more)");
-    // A whole page of the table zeroed stops the check itself: still ours,
-    // still failing the check (not "not a runner database").
+    // A page of the table filled with garbage stops the check itself: still
+    // ours, still failing the check (not "not a runner database").
     let mut bytes = pristine;
-    bytes[len / 2 / page * page..len - page].fill(0);
+    let mid = len / 2 / page * page;
+    bytes[mid..mid + page].fill(0xff);
     fails_quick_check(bytes, "malformed");
 }
 
