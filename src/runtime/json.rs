@@ -163,7 +163,9 @@ impl<'a> Scanner<'a> {
     }
 
     /// [`Scanner::object`] with every value skipped (keys validated, not
-    /// unescaped).
+    /// unescaped). Kept a separate loop on purpose: sharing the container
+    /// walk with `object` and `array` cost the reader 3–5M instructions on
+    /// the 14k-line callgrind turn (BENCHMARKS.md, session 4).
     fn skip_object(&mut self) -> Option<()> {
         self.enter()?;
         if self.peek()? == b'}' {

@@ -178,17 +178,7 @@ fn events_follow_shows_a_row_committed_after_a_newer_one() {
                   VALUES ('w', 'custom', $1, '2026-01-01T00:00:00.000Z')";
     pg.client().execute(insert, &[&"before"]).unwrap();
     let mut f = t.spawn(["events", "--follow", "--json", "--agent", "w"]);
-    let stdout = f.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(l);
-        }
-    });
+    let rx = crate::stdout_lines(&mut f);
     let first = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the existing row");

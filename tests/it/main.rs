@@ -407,6 +407,23 @@ impl TestRoot {
 
 /// Waits until `cond` holds, failing the test after `limit`.
 #[track_caller]
+/// The lines `child` prints on stdout, as they come, on a channel (read by
+/// a thread, so a test waits on them with `recv_timeout`).
+pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    rx
+}
+
 pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + limit;
     while !cond() {

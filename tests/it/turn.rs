@@ -637,17 +637,7 @@ fn turns_and_events_commands() {
     assert_eq!(human.stdout().lines().count(), 3);
     // --follow prints new events as they come and stops on SIGINT
     let mut f = t.spawn(["events", "--follow", "--json", "--type", "turn_end"]);
-    let stdout = f.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(l);
-        }
-    });
+    let rx = crate::stdout_lines(&mut f);
     let first = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the existing turn_end");
