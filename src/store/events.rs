@@ -19,8 +19,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+mod checkpoint;
+
 use super::db::{Db, DbResult, Row, params};
 use super::{Backend, Ctx, Result, StoreError, immediate, open_conn, schema};
+use checkpoint::Checkpointer;
 
 /// One row for `events`, without the columns common to a turn.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -530,7 +533,28 @@ impl Writer {
     }
 }
 
+/// Rows a SQLite writer commits before it hands checkpoints to a
+/// [`Checkpointer`] thread: a flood, not an ordinary turn.
+const FLOOD_ROWS: u64 = 4 * MAX_ROWS_PER_COMMIT as u64;
+/// A row's bytes in `events.db` besides its `data`: the turn's ids, the
+/// time, the type, the index entry (an estimate, for [`Checkpointer`]).
+const ROW_BYTES: u64 = 160;
+
 fn run_writer(conn: &mut Db, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
+    let mut checkpointer: Option<Checkpointer> = None;
+    let r = write_all(conn, tag, rx, &mut checkpointer);
+    if let (Some(c), Some(sqlite)) = (checkpointer, conn.sqlite()) {
+        c.finish(sqlite);
+    }
+    r
+}
+
+fn write_all(
+    conn: &mut Db,
+    tag: TurnTag,
+    rx: Receiver<Batch>,
+    checkpointer: &mut Option<Checkpointer>,
+) -> Result<u64> {
     let mut total = 0u64;
     let mut starts = StartIds::default();
     let mut pending: Vec<Batch> = Vec::new();
@@ -560,9 +584,22 @@ fn run_writer(conn: &mut Db, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
             immediate(conn, "writing events", |tx| {
                 write_batches(tx, &tag, &pending, &mut starts)
             })?;
+            let bytes = pending
+                .iter()
+                .flat_map(|b| b.rows.iter())
+                .map(|r| r.data.len() as u64 + ROW_BYTES)
+                .sum();
             pending.clear();
             total += rows as u64;
             rows = 0;
+            match checkpointer {
+                Some(c) => c.committed(bytes),
+                None if total >= FLOOD_ROWS => {
+                    // Without a checkpointer SQLite's auto-checkpoint stays on.
+                    *checkpointer = conn.sqlite().and_then(|c| Checkpointer::start(c).ok());
+                }
+                None => {}
+            }
         }
         if closed {
             return Ok(total);
