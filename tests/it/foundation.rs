@@ -19,6 +19,15 @@ fn init_creates_private_root_and_databases() {
     for db in ["sessions.db", "events.db", "mail.db"] {
         assert_eq!(mode(&r.join(db)), 0o600, "{db}");
     }
+    // events.db holds stdout lines: it is made with 16 KiB pages (fewer
+    // WAL writes and B-tree splits per line); the others keep SQLite's 4 KiB.
+    let page_size = |db: &str| -> i64 {
+        t.sqlite_file(db)
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(page_size("events.db"), 16384);
+    assert_eq!(page_size("sessions.db"), 4096);
     t.run(["init"]).status(0); // idempotent
     t.agent("b1", "builder", None, &[]);
     t.run(["turn", "--agent", "b1", "--message", "hi"])
