@@ -6,9 +6,10 @@
 //! waiting for their fsyncs, while the other core sat idle. Once a turn's
 //! writer has written a flood's worth of rows it turns its auto-checkpoint
 //! off and hands checkpoints to a [`Checkpointer`]: a thread with its own
-//! connection that runs a PASSIVE checkpoint after every commit it is told
-//! of (a PASSIVE checkpoint never takes the write lock, so the writer keeps
-//! appending while pages are copied).
+//! connection that runs a PASSIVE checkpoint whenever the writer has
+//! committed another 4 MiB (a PASSIVE checkpoint never takes the write lock,
+//! so the writer keeps appending while pages are copied; each one syncs two
+//! files, hence not one per commit).
 //!
 //! Invariants: the WAL stays bounded. A WAL restarts (is written again from
 //! its start) only when a write transaction begins with every frame already
@@ -34,6 +35,9 @@ use crate::store::{Result, StoreError, open_conn};
 /// Bytes of rows after which the writer waits for the checkpointer to
 /// catch up: the WAL stays within about this (plus a page per row at worst).
 pub const WAL_CAP_BYTES: u64 = 16 << 20;
+
+/// Bytes of rows between two checkpoints (each syncs two files).
+const CHECKPOINT_BYTES: u64 = 4 << 20;
 
 /// SQLite's default `wal_autocheckpoint`, restored when the flood is over.
 const AUTO_CHECKPOINT: i64 = 1000;
@@ -66,6 +70,8 @@ pub struct Checkpointer {
     base_cap: u64,
     /// Bytes committed since the WAL last started over (as far as known).
     written: u64,
+    /// Bytes committed since the thread was last asked for a checkpoint.
+    unasked: u64,
 }
 
 impl Checkpointer {
@@ -100,6 +106,7 @@ impl Checkpointer {
             cap,
             base_cap: cap,
             written: 0,
+            unasked: 0,
         })
     }
 
@@ -110,12 +117,20 @@ impl Checkpointer {
     /// had from SQLite without a hook; a restart the writer did not wait
     /// for only makes the WAL shorter than counted.)
     pub fn committed(&mut self, bytes: u64) {
+        self.written += bytes;
+        self.unasked += bytes;
+        let wait = self.written >= self.cap;
+        // Each checkpoint syncs the WAL and the database: one per
+        // CHECKPOINT_BYTES, not one per commit.
+        if self.unasked < CHECKPOINT_BYTES && !wait {
+            return;
+        }
+        self.unasked = 0;
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         st.asked += 1;
         let mine = st.asked;
         self.shared.changed.notify_all();
-        self.written += bytes;
-        if self.written < self.cap {
+        if !wait {
             return;
         }
         while st.done < mine && !st.stop {
