@@ -311,6 +311,22 @@ pub struct Fence {
     pub lost: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
+impl Fence {
+    /// The check that begins every fenced transaction: one row while the
+    /// token is current and unexpired, none once fenced. `FOR KEY SHARE`
+    /// holds off the sweep's `FOR UPDATE` until the transaction ends.
+    /// Literals, not parameters, so it can share a round trip with other
+    /// statements: the agent name is of the §1 pattern (a quote is doubled
+    /// anyway), the token a number.
+    pub fn check_sql(&self) -> String {
+        format!(
+            "SELECT 1 FROM leases WHERE agent_name = '{}' AND token = {} AND expires_at > now() FOR KEY SHARE",
+            self.agent.replace('\'', "''"),
+            self.token
+        )
+    }
+}
+
 /// A PostgreSQL connection with its statement cache.
 pub struct PgConn {
     client: Option<postgres::Client>,
@@ -375,13 +391,8 @@ impl PgConn {
         let Some(f) = self.fence.clone() else {
             return Ok(off_runtime(|| self.client().batch_execute(&sql))?);
         };
-        // Literals, not parameters, to share the round trip: the agent name
-        // is of the §1 pattern (no quote), the token a number.
-        sql.push_str(&format!(
-            "; SELECT 1 FROM leases WHERE agent_name = '{}' AND token = {} AND expires_at > now() FOR KEY SHARE",
-            f.agent.replace('\'', "''"),
-            f.token
-        ));
+        sql.push_str("; ");
+        sql.push_str(&f.check_sql());
         let msgs = off_runtime(|| self.client().simple_query(&sql))?;
         let rows = msgs
             .iter()
@@ -543,6 +554,14 @@ impl Db {
     pub fn set_fence(&self, fence: Option<Fence>) {
         if let Db::Pg(p) = self {
             p.borrow_mut().fence = fence;
+        }
+    }
+
+    /// The fence of this PostgreSQL connection, if any.
+    pub fn fence(&self) -> Option<Fence> {
+        match self {
+            Db::Pg(p) => p.borrow().fence.clone(),
+            Db::Sqlite(_) => None,
         }
     }
 

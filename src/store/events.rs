@@ -152,7 +152,7 @@ pub const STATEMENT_CACHE: usize = CHUNK + 16;
 /// `tool_end`, so the duration goes to the start row by id. Bounded: past
 /// [`MAX_START_IDS`] it starts over, and a miss is looked up in `events`.
 #[derive(Default)]
-struct StartIds {
+pub(crate) struct StartIds {
     ids: std::collections::HashMap<ToolStartRef, i64>,
     /// The last `tool_start` noted (a line's rows may straddle two chunks).
     prev: Option<ToolStartRef>,
@@ -164,7 +164,7 @@ impl StartIds {
     /// The reference of `r` if it is a `tool_start` row: its line and its
     /// rank among that line's starts (rows arrive in order, a line's rows
     /// possibly across batches and commits).
-    fn next_ref(&mut self, r: &EventRow) -> Option<ToolStartRef> {
+    pub(crate) fn next_ref(&mut self, r: &EventRow) -> Option<ToolStartRef> {
         if r.event_type != "tool_start" {
             return None;
         }
@@ -190,7 +190,7 @@ impl StartIds {
 /// The calls that end within `batches`: their start and duration. Each is
 /// written onto its `tool_start` row as that row is inserted (when it is in
 /// the same commit) instead of by an UPDATE after.
-fn ends_of(batches: &[Batch]) -> std::collections::HashMap<ToolStartRef, i64> {
+pub(crate) fn ends_of(batches: &[Batch]) -> std::collections::HashMap<ToolStartRef, i64> {
     batches
         .iter()
         .flat_map(|b| b.rows.iter())
@@ -207,13 +207,7 @@ fn write_batches(
     starts: &mut StartIds,
 ) -> Result<usize> {
     let all = || batches.iter().flat_map(|b| b.rows.iter());
-    if let Some(bad) = all().find(|r| !LEVELS.contains(&r.level)) {
-        let why = format!("event level {:?} is not one of {LEVELS:?}", bad.level);
-        return Err(StoreError::Sqlite {
-            context: "writing events".into(),
-            source: rusqlite::Error::ToSqlConversionFailure(why.into()),
-        });
-    }
+    check_levels(batches)?;
     let mut ended = ends_of(batches);
     let Some(conn) = db.sqlite() else {
         insert_pg(db, tag, batches, starts, &mut ended)?;
@@ -235,6 +229,20 @@ fn write_batches(
         }
     }
     Ok(all().count())
+}
+
+/// Refuses a row whose level is not one of [`LEVELS`] (the CHECK, which
+/// SQLite's writer does not run).
+pub(crate) fn check_levels(batches: &[Batch]) -> Result<()> {
+    let all = batches.iter().flat_map(|b| b.rows.iter());
+    if let Some(bad) = all.clone().find(|r| !LEVELS.contains(&r.level)) {
+        let why = format!("event level {:?} is not one of {LEVELS:?}", bad.level);
+        return Err(StoreError::Sqlite {
+            context: "writing events".into(),
+            source: rusqlite::Error::ToSqlConversionFailure(why.into()),
+        });
+    }
+    Ok(())
 }
 
 /// SQLite: raw binds on cached statements. A `tool_start` row whose call
@@ -322,7 +330,7 @@ fn insert_pg(
     Ok(())
 }
 
-const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id, created_at, \
+pub(crate) const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id, created_at, \
     event_type, tool_name, tool_args, tool_duration_ms, level, data, line_no) FROM STDIN (FORMAT binary)";
 
 /// Rows of `events` in COPY's binary format (PostgreSQL's `COPY` docs:
@@ -330,7 +338,7 @@ const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id,
 /// per field a 32-bit length, -1 for NULL, and the value as its type's
 /// binary form: `text` its UTF-8 bytes, `bigint` 8 bytes big-endian; a
 /// 16-bit -1 ends the data).
-struct CopyBinary {
+pub(crate) struct CopyBinary {
     buf: Vec<u8>,
 }
 
@@ -338,7 +346,7 @@ struct CopyBinary {
 const COPY_FIELDS: i16 = 12;
 
 impl CopyBinary {
-    fn with_capacity(n: usize) -> CopyBinary {
+    pub(crate) fn with_capacity(n: usize) -> CopyBinary {
         let mut buf = Vec::with_capacity(n + 32);
         buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
         buf.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
@@ -372,7 +380,7 @@ impl CopyBinary {
     }
 
     /// One row; `known_ms`: the duration of a call that ended in the same COPY.
-    fn row(&mut self, tag: &TurnTag, b: &Batch, r: &EventRow, known_ms: Option<i64>) {
+    pub(crate) fn row(&mut self, tag: &TurnTag, b: &Batch, r: &EventRow, known_ms: Option<i64>) {
         self.buf.extend_from_slice(&COPY_FIELDS.to_be_bytes());
         self.text(tag.run_id.as_deref());
         self.text(Some(&tag.agent_name));
@@ -388,7 +396,7 @@ impl CopyBinary {
         self.int(r.line_no);
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
         self.buf
     }
@@ -531,6 +539,9 @@ impl Writer {
 }
 
 fn run_writer(conn: &mut Db, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
+    if conn.is_pg() {
+        return super::pg::writer::run(conn, &tag, rx);
+    }
     let mut total = 0u64;
     let mut starts = StartIds::default();
     let mut pending: Vec<Batch> = Vec::new();
