@@ -11,7 +11,8 @@
 //! row: as that row is inserted when both are in one commit, else by the
 //! id noted at its insert (or looked up by `line_no`). SQLite rows go in
 //! 64-row INSERTs on cached statements, PostgreSQL rows in one binary COPY
-//! per commit.
+//! per commit. On PostgreSQL the loop is `pg::writer`'s (same batching;
+//! it pipelines the encoding and folds round trips).
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
