@@ -311,15 +311,28 @@ pub struct Fence {
     pub lost: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
+impl Fence {
+    /// The check that begins every fenced transaction: one row while the
+    /// token is current and unexpired, none once fenced. `FOR KEY SHARE`
+    /// holds off the sweep's `FOR UPDATE` until the transaction ends.
+    /// Literals, not parameters, so it can share a round trip with other
+    /// statements: the agent name is of the §1 pattern (a quote is doubled
+    /// anyway), the token a number.
+    pub fn check_sql(&self) -> String {
+        format!(
+            "SELECT 1 FROM leases WHERE agent_name = '{}' AND token = {} AND expires_at > now() FOR KEY SHARE",
+            self.agent.replace('\'', "''"),
+            self.token
+        )
+    }
+}
+
 /// A PostgreSQL connection with its statement cache.
 pub struct PgConn {
     client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
     fence: Option<Fence>,
     in_tx: bool,
-    /// A statement every transaction begins with (the events writer's
-    /// `SET LOCAL synchronous_commit = off`).
-    begin_extra: Option<String>,
     /// The store it belongs to (URL and schema), when it may be kept for
     /// reuse by this process once dropped ([`take_spare`]).
     spare_key: Option<String>,
@@ -357,31 +370,21 @@ impl PgConn {
             statements: HashMap::new(),
             fence: None,
             in_tx: false,
-            begin_extra: None,
             spare_key: None,
         }
     }
 
-    /// `BEGIN`, the connection's extra statement and, when fenced, the
+    /// `BEGIN` and, when fenced, the
     /// fence check — one round trip. Fenced: [`DbError::Fenced`] (the
     /// caller rolls back) and the fence's `lost` fires.
     fn begin(&mut self) -> DbResult<()> {
         let mut sql = String::from("BEGIN");
-        if let Some(extra) = &self.begin_extra {
-            sql.push_str("; ");
-            sql.push_str(extra);
-        }
         self.in_tx = true;
         let Some(f) = self.fence.clone() else {
             return Ok(off_runtime(|| self.client().batch_execute(&sql))?);
         };
-        // Literals, not parameters, to share the round trip: the agent name
-        // is of the §1 pattern (no quote), the token a number.
-        sql.push_str(&format!(
-            "; SELECT 1 FROM leases WHERE agent_name = '{}' AND token = {} AND expires_at > now() FOR KEY SHARE",
-            f.agent.replace('\'', "''"),
-            f.token
-        ));
+        sql.push_str("; ");
+        sql.push_str(&f.check_sql());
         let msgs = off_runtime(|| self.client().simple_query(&sql))?;
         let rows = msgs
             .iter()
@@ -455,7 +458,6 @@ impl Drop for PgConn {
                         statements: std::mem::take(&mut self.statements),
                         fence: None,
                         in_tx: false,
-                        begin_extra: None,
                         spare_key: Some(key),
                     });
                     None
@@ -530,19 +532,19 @@ impl Db {
         }
     }
 
-    /// A statement every later transaction on this PostgreSQL connection
-    /// begins with (in the same round trip); `None` lifts it.
-    pub fn set_begin_extra(&self, extra: Option<String>) {
-        if let Db::Pg(p) = self {
-            p.borrow_mut().begin_extra = extra;
-        }
-    }
-
     /// Makes every later write on this PostgreSQL connection conditional on
     /// `fence` (SPEC §12.3); `None` lifts it. No-op on SQLite.
     pub fn set_fence(&self, fence: Option<Fence>) {
         if let Db::Pg(p) = self {
             p.borrow_mut().fence = fence;
+        }
+    }
+
+    /// The fence of this PostgreSQL connection, if any.
+    pub fn fence(&self) -> Option<Fence> {
+        match self {
+            Db::Pg(p) => p.borrow().fence.clone(),
+            Db::Sqlite(_) => None,
         }
     }
 

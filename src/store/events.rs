@@ -11,7 +11,8 @@
 //! row: as that row is inserted when both are in one commit, else by the
 //! id noted at its insert (or looked up by `line_no`). SQLite rows go in
 //! 64-row INSERTs on cached statements, PostgreSQL rows in one binary COPY
-//! per commit.
+//! per commit. On PostgreSQL the loop is `pg::writer`'s (same batching;
+//! it pipelines the encoding and folds round trips).
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
@@ -184,7 +185,7 @@ pub const STATEMENT_CACHE: usize = CHUNK + 16;
 /// `tool_end`, so the duration goes to the start row by id. Bounded: past
 /// [`MAX_START_IDS`] it starts over, and a miss is looked up in `events`.
 #[derive(Default)]
-struct StartIds {
+pub(crate) struct StartIds {
     ids: std::collections::HashMap<ToolStartRef, i64>,
     /// The last `tool_start` noted (a line's rows may straddle two chunks).
     prev: Option<ToolStartRef>,
@@ -196,7 +197,7 @@ impl StartIds {
     /// The reference of `r` if it is a `tool_start` row: its line and its
     /// rank among that line's starts (rows arrive in order, a line's rows
     /// possibly across batches and commits).
-    fn next_ref(&mut self, r: &EventRow) -> Option<ToolStartRef> {
+    pub(crate) fn next_ref(&mut self, r: &EventRow) -> Option<ToolStartRef> {
         if r.event_type != "tool_start" {
             return None;
         }
@@ -222,7 +223,7 @@ impl StartIds {
 /// The calls that end within `batches`: their start and duration. Each is
 /// written onto its `tool_start` row as that row is inserted (when it is in
 /// the same commit) instead of by an UPDATE after.
-fn ends_of(batches: &[Batch]) -> std::collections::HashMap<ToolStartRef, i64> {
+pub(crate) fn ends_of(batches: &[Batch]) -> std::collections::HashMap<ToolStartRef, i64> {
     batches
         .iter()
         .flat_map(|b| b.rows.iter())
@@ -239,13 +240,7 @@ fn write_batches(
     starts: &mut StartIds,
 ) -> Result<usize> {
     let all = || batches.iter().flat_map(|b| b.rows.iter());
-    if let Some(bad) = all().find(|r| !LEVELS.contains(&r.level)) {
-        let why = format!("event level {:?} is not one of {LEVELS:?}", bad.level);
-        return Err(StoreError::Sqlite {
-            context: "writing events".into(),
-            source: rusqlite::Error::ToSqlConversionFailure(why.into()),
-        });
-    }
+    check_levels(batches)?;
     let mut ended = ends_of(batches);
     let Some(conn) = db.sqlite() else {
         insert_pg(db, tag, batches, starts, &mut ended)?;
@@ -267,6 +262,20 @@ fn write_batches(
         }
     }
     Ok(all().count())
+}
+
+/// Refuses a row whose level is not one of [`LEVELS`] (the CHECK, which
+/// SQLite's writer does not run).
+pub(crate) fn check_levels(batches: &[Batch]) -> Result<()> {
+    let all = batches.iter().flat_map(|b| b.rows.iter());
+    if let Some(bad) = all.clone().find(|r| !LEVELS.contains(&r.level)) {
+        let why = format!("event level {:?} is not one of {LEVELS:?}", bad.level);
+        return Err(StoreError::Sqlite {
+            context: "writing events".into(),
+            source: rusqlite::Error::ToSqlConversionFailure(why.into()),
+        });
+    }
+    Ok(())
 }
 
 /// SQLite: raw binds on cached statements. A `tool_start` row whose call
@@ -354,7 +363,7 @@ fn insert_pg(
     Ok(())
 }
 
-const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id, created_at, \
+pub(crate) const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id, created_at, \
     event_type, tool_name, tool_args, tool_duration_ms, level, data, line_no) FROM STDIN (FORMAT binary)";
 
 /// Rows of `events` in COPY's binary format (PostgreSQL's `COPY` docs:
@@ -362,7 +371,7 @@ const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id,
 /// per field a 32-bit length, -1 for NULL, and the value as its type's
 /// binary form: `text` its UTF-8 bytes, `bigint` 8 bytes big-endian; a
 /// 16-bit -1 ends the data).
-struct CopyBinary {
+pub(crate) struct CopyBinary {
     buf: Vec<u8>,
 }
 
@@ -370,7 +379,7 @@ struct CopyBinary {
 const COPY_FIELDS: i16 = 12;
 
 impl CopyBinary {
-    fn with_capacity(n: usize) -> CopyBinary {
+    pub(crate) fn with_capacity(n: usize) -> CopyBinary {
         let mut buf = Vec::with_capacity(n + 32);
         buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
         buf.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
@@ -404,7 +413,7 @@ impl CopyBinary {
     }
 
     /// One row; `known_ms`: the duration of a call that ended in the same COPY.
-    fn row(&mut self, tag: &TurnTag, b: &Batch, r: &EventRow, known_ms: Option<i64>) {
+    pub(crate) fn row(&mut self, tag: &TurnTag, b: &Batch, r: &EventRow, known_ms: Option<i64>) {
         self.buf.extend_from_slice(&COPY_FIELDS.to_be_bytes());
         self.text(tag.run_id.as_deref());
         self.text(Some(&tag.agent_name));
@@ -420,7 +429,7 @@ impl CopyBinary {
         self.int(r.line_no);
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
         self.buf
     }
@@ -503,20 +512,9 @@ impl Writer {
             .name(format!("events-{}", tag.agent_name))
             .spawn(move || {
                 let mut conn = conn;
-                // The writer's commits need not wait for their own WAL
-                // flush: the turn's end (a synchronous commit, later in the
-                // same WAL) flushes them too, and a server crash before that
-                // loses only lines `stdout.ndjson` still holds, which the
-                // sweep replays (line_no above the last stored). And a COPY
-                // is never "idle in transaction": should this host freeze
-                // mid-COPY, the statement timeout frees the lease row's lock
-                // the fleet sweep waits for (SPEC §12.3).
-                conn.set_begin_extra(Some(format!(
-                    "SET LOCAL synchronous_commit = off; SET LOCAL statement_timeout = {}",
-                    crate::store::pg::writer_statement_timeout_ms()
-                )));
+                // (PostgreSQL: its loop sets the writer's own transaction
+                // settings, `pg::writer::begin_sql`.)
                 let r = run_writer(&mut conn, tag, rx);
-                conn.set_begin_extra(None);
                 (r, conn)
             })
             .map_err(|e| StoreError::Io {
@@ -570,6 +568,9 @@ const FLOOD_ROWS: u64 = 4 * MAX_ROWS_PER_COMMIT as u64;
 const ROW_BYTES: u64 = 160;
 
 fn run_writer(conn: &mut Db, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
+    if conn.is_pg() {
+        return super::pg::writer::run(conn, &tag, rx);
+    }
     let mut checkpointer: Option<Checkpointer> = None;
     let r = write_all(conn, tag, rx, &mut checkpointer);
     if let (Some(c), Some(sqlite)) = (checkpointer, conn.sqlite()) {
@@ -578,6 +579,11 @@ fn run_writer(conn: &mut Db, tag: TurnTag, rx: Receiver<Batch>) -> Result<u64> {
     r
 }
 
+/// The SQLite writer's loop: rows wait in memory, not in an open
+/// transaction; the write lock is held only while a commit of at most
+/// [`MAX_ROWS_PER_COMMIT`] rows, or of rows older than [`COMMIT_EVERY`], is
+/// written. A batch that would take a commit past 512 rows waits for the
+/// next one (a batch is one line's rows or more, never split).
 fn write_all(
     conn: &mut Db,
     tag: TurnTag,
@@ -589,8 +595,28 @@ fn write_all(
     let mut pending: Vec<Batch> = Vec::new();
     let mut rows = 0usize;
     let mut due = Instant::now();
-    // Rows wait in memory, not in an open transaction: the write lock is held
-    // only while a full batch (512 rows) or an old one (COMMIT_EVERY) is written.
+    let mut commit = |pending: &mut Vec<Batch>, rows: &mut usize| -> Result<()> {
+        immediate(conn, "writing events", |tx| {
+            write_batches(tx, &tag, pending, &mut starts)
+        })?;
+        let bytes = pending
+            .iter()
+            .flat_map(|b| b.rows.iter())
+            .map(|r| r.data.len() as u64 + ROW_BYTES)
+            .sum();
+        pending.clear();
+        total += *rows as u64;
+        *rows = 0;
+        match checkpointer {
+            Some(c) => c.committed(bytes),
+            None if total >= FLOOD_ROWS => {
+                // Without a checkpointer SQLite's auto-checkpoint stays on.
+                *checkpointer = conn.sqlite().and_then(|c| Checkpointer::start(c).ok());
+            }
+            None => {}
+        }
+        Ok(())
+    };
     loop {
         let msg = if pending.is_empty() {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
@@ -599,6 +625,9 @@ fn write_all(
         };
         let closed = match msg {
             Ok(b) => {
+                if !pending.is_empty() && rows + b.rows.len() > MAX_ROWS_PER_COMMIT {
+                    commit(&mut pending, &mut rows)?;
+                }
                 if pending.is_empty() {
                     due = Instant::now() + COMMIT_EVERY;
                 }
@@ -610,25 +639,7 @@ fn write_all(
             Err(RecvTimeoutError::Disconnected) => true,
         };
         if !pending.is_empty() && (closed || rows >= MAX_ROWS_PER_COMMIT || Instant::now() >= due) {
-            immediate(conn, "writing events", |tx| {
-                write_batches(tx, &tag, &pending, &mut starts)
-            })?;
-            let bytes = pending
-                .iter()
-                .flat_map(|b| b.rows.iter())
-                .map(|r| r.data.len() as u64 + ROW_BYTES)
-                .sum();
-            pending.clear();
-            total += rows as u64;
-            rows = 0;
-            match checkpointer {
-                Some(c) => c.committed(bytes),
-                None if total >= FLOOD_ROWS => {
-                    // Without a checkpointer SQLite's auto-checkpoint stays on.
-                    *checkpointer = conn.sqlite().and_then(|c| Checkpointer::start(c).ok());
-                }
-                None => {}
-            }
+            commit(&mut pending, &mut rows)?;
         }
         if closed {
             return Ok(total);

@@ -653,3 +653,68 @@ fn a_version_1_schema_is_upgraded_and_keeps_its_rows() {
         1
     );
 }
+
+/// A flood of lines into PostgreSQL (SPEC §6.1, the events writer of
+/// `store::pg::writer`): every line in `events` exactly once, ids in line
+/// order, no commit over 512 rows (the rows of one transaction share their
+/// `xmin`), and every call's duration on its `tool_start` row, also for
+/// the calls whose end a later commit wrote.
+#[test]
+fn a_flood_is_written_in_line_order_in_commits_of_at_most_512_rows() {
+    let Some(t) = TestRoot::postgres() else {
+        return;
+    };
+    t.agent(
+        "b1",
+        "builder",
+        None,
+        &[
+            "--lines",
+            "4000",
+            "--line-bytes",
+            "300",
+            "--tool-every",
+            "3",
+        ],
+    );
+    t.run(["turn", "--agent", "b1", "--message", "go", "--json"])
+        .status(0);
+    let lines = t.last_turn("b1")["lines"].as_i64().unwrap();
+    assert!(lines > 5000, "{lines}");
+    let q = |sql: &str| t.i64("events.db", sql);
+    assert_eq!(
+        q("SELECT COUNT(*) FROM events WHERE line_no IS NOT NULL"),
+        lines
+    );
+    assert_eq!(q("SELECT COUNT(DISTINCT line_no) FROM events"), lines);
+    assert_eq!(q("SELECT MAX(line_no) FROM events"), lines);
+    assert_eq!(
+        q(
+            "SELECT COUNT(*) FROM (SELECT line_no, lag(line_no) OVER (ORDER BY id) AS prev \
+           FROM events WHERE line_no IS NOT NULL) x WHERE line_no < prev"
+        ),
+        0,
+        "ids follow the lines"
+    );
+    let commits = q("SELECT COUNT(DISTINCT xmin::text) FROM events WHERE line_no IS NOT NULL");
+    assert!(commits >= 10, "{commits} commits");
+    assert!(
+        q("SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM events GROUP BY xmin::text) x") <= 512,
+        "a commit holds at most 512 rows"
+    );
+    assert_eq!(
+        q("SELECT COUNT(*) FROM events WHERE event_type = 'tool_start'"),
+        q("SELECT COUNT(*) FROM events WHERE event_type = 'tool_end'")
+    );
+    assert_eq!(
+        q(
+            "SELECT COUNT(*) FROM events s JOIN events e ON e.turn_id = s.turn_id \
+           AND e.event_type = 'tool_end' AND e.line_no = s.line_no + 1 \
+           WHERE s.event_type = 'tool_start' \
+           AND s.tool_duration_ms IS NOT DISTINCT FROM e.tool_duration_ms \
+           AND s.tool_duration_ms IS NOT NULL"
+        ),
+        q("SELECT COUNT(*) FROM events WHERE event_type = 'tool_start'"),
+        "every start row carries its call's duration"
+    );
+}

@@ -9,8 +9,10 @@
 //! `runner_meta` is not ours and is never written; a schema from a newer
 //! runner is refused; a server out of connection slots is retried briefly,
 //! then reported as busy. Queries go through the store seam
-//! ([`super::db::Db`]); this module only connects, migrates, copies, and
-//! listens for mail notifications ([`listen`], SPEC §12.4).
+//! ([`super::db::Db`]); this module only connects, migrates, copies,
+//! listens for mail notifications ([`listen`], SPEC §12.4), and runs the
+//! events writer's loop ([`writer`]), which drives the client directly to
+//! spend fewer round trips per commit.
 //!
 //! TLS follows libpq's `sslmode` (every connection of runner goes through
 //! [`connect`], so all share these rules): `disable` is plaintext; `prefer`
@@ -28,6 +30,7 @@
 pub mod copy;
 pub mod listen;
 pub mod schema;
+pub mod writer;
 
 use std::str::FromStr;
 use std::sync::Arc;
