@@ -51,7 +51,8 @@ const INSERT_SNAPSHOT: &str =
              FROM sessions WHERE agent_name = ?1 AND task_id = ?2";
 
 /// Opens an existing `metrics.db` under `root` (migrated, its statements
-/// prepared) for a later [`record_turn_on`]; `None` when there is none.
+/// prepared, its WAL trimmed past [`super::WAL_TRIM_EARLY_BYTES`]) for a
+/// later [`record_turn_on`]; `None` when there is none.
 /// Why: a turn opens it while its agent runs, so that after the agent
 /// exits only the write is left (the open — WAL index rebuild, schema
 /// parse — was a tenth of a `--lines 0` turn's work after the exit). A
@@ -64,6 +65,7 @@ pub fn open_existing(root: &Path) -> Result<Option<Connection>> {
     }
     let mut conn = open_conn(&path)?;
     schema::migrate_metrics(&mut conn, &path)?;
+    super::trim_wals_over(&conn, super::WAL_TRIM_EARLY_BYTES);
     conn.prepare_cached(UPSERT_SESSION)
         .ctx("preparing the metrics.db writes")?;
     conn.prepare_cached(INSERT_SNAPSHOT)
