@@ -5,11 +5,6 @@ fn main() {
         eprintln!("runner: internal error: {info} (this is a bug in runner: please report it)");
     }));
     let cli = runner::cli::parse();
-    // `runner turn` has joined every task of its turn when it returns (the
-    // writer, the pipes, the stores opened ahead): it exits at once, without
-    // waking and joining the runtime's threads first. Long-running commands
-    // (serve, web, events --follow) shut the runtime down in order.
-    let exit_at_once = matches!(cli.command, runner::cli::Command::Turn(_));
     if !matches!(cli.command, runner::cli::Command::FakeAgent(_)) {
         init_tracing(cli.verbose, cli.quiet);
         // Orphaned descendants of our agents re-parent to us, not init (SPEC §6.7).
@@ -31,9 +26,7 @@ fn main() {
         rt.block_on(runner::app::main(cli))
     }))
     .unwrap_or(70);
-    if !exit_at_once {
-        rt.shutdown_timeout(std::time::Duration::from_millis(100));
-    }
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);
 }
 
