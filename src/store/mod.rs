@@ -283,6 +283,21 @@ pub fn close_or_leave(conn: Db) {
 /// connection is let go after a turn ([`close_or_leave`]).
 pub const WAL_TRIM_BYTES: u64 = 1 << 20;
 
+/// A WAL longer than this is checkpointed and truncated while a turn's
+/// agent runs ([`trim_wals_early`]), where the runner mostly waits: the
+/// next process to open the file then rebuilds the index of at most ~64
+/// frames instead of up to 256 (the 1 MiB of [`WAL_TRIM_BYTES`], which
+/// stays the limit where a trim would delay the end of a turn).
+pub const WAL_TRIM_EARLY_BYTES: u64 = 256 << 10;
+
+/// [`trim_wals`] with the lower limit of [`WAL_TRIM_EARLY_BYTES`], for a
+/// connection whose turn has its agent running (SQLite only).
+pub fn trim_wals_early(db: &Db) {
+    if let Some(c) = db.sqlite() {
+        trim_wals_over(c, WAL_TRIM_EARLY_BYTES);
+    }
+}
+
 /// Checkpoints and truncates the WALs of `c` (its main database and, for
 /// `sessions.db`, the attached `mail.db`) that grew past [`WAL_TRIM_BYTES`].
 /// Why: every runner process is usually the first to open a file, and
@@ -294,6 +309,11 @@ pub const WAL_TRIM_BYTES: u64 = 1 << 20;
 /// with a reader in the WAL it does what it can and the file stays (the
 /// next turn tries again).
 fn trim_wals(c: &Connection) {
+    trim_wals_over(c, WAL_TRIM_BYTES);
+}
+
+/// [`trim_wals`] for WALs longer than `limit` bytes.
+pub(crate) fn trim_wals_over(c: &Connection, limit: u64) {
     let Some(main) = c.path().filter(|p| !p.is_empty()).map(Path::new) else {
         return;
     };
@@ -306,7 +326,7 @@ fn trim_wals(c: &Connection) {
     let long = |p: &Path| {
         let mut wal = p.as_os_str().to_owned();
         wal.push("-wal");
-        std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_TRIM_BYTES)
+        std::fs::metadata(wal).is_ok_and(|m| m.len() > limit)
     };
     let todo: Vec<&str> = dbs
         .iter()

@@ -177,7 +177,11 @@ pub async fn run(
             root: ctx.root.dir.display().to_string(),
         })
     } else {
-        settle::settle(ctx, &mut turn, ex)
+        let metrics = match turn.metrics.take() {
+            Some(h) => h.await.ok().flatten(),
+            None => None,
+        };
+        settle::settle(ctx, &mut turn, ex, metrics)
     };
     settle::release(ctx, *turn);
     summary

@@ -56,6 +56,9 @@ pub struct Turn {
     pub store: Store,
     /// Its `events.db` connection (lent to the writer thread while running).
     pub events: Option<crate::store::Db>,
+    /// `metrics.db`, being opened on a blocking thread while the agent runs
+    /// (see [`crate::store::metrics::open_existing`]).
+    pub metrics: Option<tokio::task::JoinHandle<Option<rusqlite::Connection>>>,
     pub session: Session,
     pub cap: Capability,
     pub runtime: Box<dyn Runtime>,
@@ -116,6 +119,10 @@ pub async fn prepare(
     if nothing_to_deliver(&store, req)? {
         return Ok(Prepared::Early(Box::new(TurnSummary::nothing(agent))));
     }
+    // events.db is opened on a blocking thread while this one takes the
+    // lease, reclaims and claims: on two cores its open (WAL index rebuild,
+    // schema parse) is then off the path to the spawn.
+    let events_ahead = open_events_ahead(ctx);
     // 3. Take the lease; reclaim what a dead earlier turn left; re-read.
     let lock_path = ctx.root.lock_path(agent);
     // A turn waiting for the lease holds no PostgreSQL connection: a queue
@@ -182,7 +189,14 @@ pub async fn prepare(
         agent_name: agent.to_string(),
         turn_id: row.turn_id.clone(),
     };
-    let mut events_conn = ctx.events()?;
+    let mut events_conn = match events_ahead {
+        Some(h) => match h.await {
+            Ok(r) => r?,
+            // The opening task panicked (a bug): open it here instead.
+            Err(_) => ctx.events()?,
+        },
+        None => ctx.events()?,
+    };
     if let Some(f) = &fleet {
         events_conn.set_fence(Some(f.fence.clone()));
     }
@@ -195,6 +209,7 @@ pub async fn prepare(
     Ok(Prepared::Turn(Box::new(Turn {
         store,
         events: Some(events_conn),
+        metrics: None,
         text: render_turn(req.message.as_deref(), &claimed),
         resume_id: row.resume_requested.clone(),
         session,
@@ -212,6 +227,23 @@ pub async fn prepare(
         log,
         row,
     })))
+}
+
+/// Starts opening `events.db` on a blocking thread: SQLite only (a fleet
+/// turn holds no PostgreSQL connection while it waits for the lease), and
+/// only a file that exists (a missing one is created where it always was,
+/// after the claim). `None`: the caller opens it itself.
+fn open_events_ahead(
+    ctx: &Ctx,
+) -> Option<tokio::task::JoinHandle<crate::store::Result<crate::store::Db>>> {
+    if ctx.config.store != crate::store::Backend::Sqlite {
+        return None;
+    }
+    let root = ctx.root.dir.clone();
+    if !root.join("events.db").exists() {
+        return None;
+    }
+    Some(tokio::task::spawn_blocking(move || events::open(&root)))
 }
 
 /// Is the agent `completed` or `zombie` now?

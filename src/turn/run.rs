@@ -87,6 +87,16 @@ pub async fn run(
     let guard = KillOnDrop::new(procs.clone());
     // 6. Stdout → events + stdout.ndjson; stderr → stderr.log.
     let mut io = r.start_io(&mut child, stdin_payload, &mut ex);
+    // While the agent runs, metrics.db is opened for the settle: after the
+    // exit only its write is left (the runner mostly waits meanwhile).
+    let root = ctx.root.dir.clone();
+    r.turn.metrics = Some(tokio::task::spawn_blocking(move || {
+        crate::store::metrics::open_existing(&root).ok().flatten()
+    }));
+    // ... and sessions.db and mail.db have their WALs trimmed, so that the
+    // next turn's runner (the first to open them, which rebuilds each WAL's
+    // index) reads few frames.
+    crate::store::trim_wals_early(&r.turn.store.conn);
     // 7. Watch until the agent exits.
     let status = r.watch(&mut child, &procs, &mut io, &mut ex, abort).await;
     // 8. The agent exited: leftovers, leak timeout, kill, drain.

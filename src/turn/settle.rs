@@ -51,7 +51,13 @@ struct Ending<'a> {
 }
 
 /// Step 9: decide and write, in one transaction; then the `turn_end` event.
-pub fn settle(ctx: &Ctx, turn: &mut Turn, ex: Execution) -> Result<TurnSummary> {
+/// `metrics`: `metrics.db` if it was opened while the agent ran.
+pub fn settle(
+    ctx: &Ctx,
+    turn: &mut Turn,
+    ex: Execution,
+    metrics: Option<rusqlite::Connection>,
+) -> Result<TurnSummary> {
     let now_t = SystemTime::now();
     let ending = Ending {
         ctx,
@@ -81,7 +87,8 @@ pub fn settle(ctx: &Ctx, turn: &mut Turn, ex: Execution) -> Result<TurnSummary> 
     }
     let summary = summary(turn, &decision, written)?;
     if let Some(row) = &summary.turn
-        && let Err(e) = crate::store::metrics::record_turn(&ctx.root.dir, &turn.session, row)
+        && let Err(e) =
+            crate::store::metrics::record_turn_on(metrics, &ctx.root.dir, &turn.session, row)
     {
         // overstory's cost view only: never worth failing a finished turn.
         turn.log.line(format!("metrics.db not updated: {e}"));

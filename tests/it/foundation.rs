@@ -488,3 +488,41 @@ fn a_turn_leaves_no_long_wal_behind() {
         4000
     );
 }
+
+/// While its agent runs, a turn trims the WALs of `sessions.db` and
+/// `mail.db` that grew past 256 KiB (the limit after the turn stays 1 MiB):
+/// the next runner to open them reads a short WAL. Here another writer left
+/// ~400 KiB in `sessions.db-wal`; after the turn only its own frames remain.
+#[test]
+fn a_turn_trims_a_quarter_mib_sessions_wal_while_its_agent_runs() {
+    let t = TestRoot::sqlite();
+    t.agent("b1", "builder", None, &[]);
+    {
+        let c = rusqlite::Connection::open(t.root().join("sessions.db")).unwrap();
+        // Left as a runner leaves it: no checkpoint when this closes.
+        c.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .unwrap();
+        c.execute_batch("PRAGMA wal_autocheckpoint=0").unwrap();
+        for i in 0..100 {
+            c.execute(
+                "UPDATE sessions SET last_activity=?1 WHERE agent_name='b1'",
+                [format!("2026-01-01T00:00:{:02}.000Z", i % 60)],
+            )
+            .unwrap();
+        }
+    }
+    let wal = |f: &str| std::fs::metadata(t.root().join(f)).map_or(0, |m| m.len());
+    assert!(
+        wal("sessions.db-wal") > 256 << 10,
+        "the setup grew sessions.db-wal to only {} bytes",
+        wal("sessions.db-wal")
+    );
+    t.mail("lead", "b1", "go");
+    t.run(["turn", "--agent", "b1"]).status(0);
+    let after = wal("sessions.db-wal");
+    assert!(after < 256 << 10, "sessions.db-wal is {after} bytes");
+    assert_eq!(t.state("b1"), "completed", "the turn's own writes are kept");
+}

@@ -120,3 +120,38 @@ fn metrics_db_marks_the_session_complete_when_the_agent_ends() {
     assert!(completed.is_some());
     assert_eq!(completed, ended);
 }
+
+/// A turn opens `metrics.db` while its agent runs only if the file is
+/// there: a root without one (an older root, or one whose file was moved
+/// away) gets it created at the end of the first turn that reported usage,
+/// and a turn without usage still creates nothing.
+#[test]
+fn metrics_db_missing_is_created_only_by_a_turn_with_usage() {
+    let t = TestRoot::new();
+    t.agent("lead", "lead", None, &[]);
+    t.run([
+        "agent",
+        "add",
+        "quiet",
+        "--capability",
+        "lead",
+        "--command",
+        "true",
+    ])
+    .status(0);
+    let m = t.root().join("metrics.db");
+    // (On PostgreSQL `agent add` creates no metrics.db: nothing to remove.)
+    for ext in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(t.root().join(format!("metrics.db{ext}")));
+    }
+    t.run(["turn", "--agent", "quiet", "--message", "x"])
+        .status(1);
+    assert!(!m.exists(), "a turn without usage created metrics.db");
+    t.run(["turn", "--agent", "lead", "--message", "one"])
+        .status(0);
+    let snaps = t.str(
+        "metrics.db",
+        "SELECT COUNT(*) || '' FROM token_snapshots WHERE agent_name='lead'",
+    );
+    assert_eq!(snaps.as_deref(), Some("1"));
+}
