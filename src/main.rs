@@ -4,6 +4,7 @@ fn main() {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("runner: internal error: {info} (this is a bug in runner: please report it)");
     }));
+    runner::os::cap_malloc_arenas();
     let cli = runner::cli::parse();
     if !matches!(cli.command, runner::cli::Command::FakeAgent(_)) {
         init_tracing(cli.verbose, cli.quiet);
