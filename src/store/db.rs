@@ -325,6 +325,24 @@ impl Fence {
             self.token
         )
     }
+
+    /// Reads the answer to a statement list that ended with
+    /// [`Fence::check_sql`]: no row means fenced — `lost` fires and the
+    /// caller must roll back.
+    pub fn verdict(&self, msgs: &[postgres::SimpleQueryMessage]) -> DbResult<()> {
+        let rows = msgs
+            .iter()
+            .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
+            .count();
+        if rows == 0 {
+            self.lost.send_replace(true);
+            return Err(DbError::Fenced {
+                agent: self.agent.clone(),
+                token: self.token,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A PostgreSQL connection with its statement cache.
@@ -386,18 +404,7 @@ impl PgConn {
         sql.push_str("; ");
         sql.push_str(&f.check_sql());
         let msgs = off_runtime(|| self.client().simple_query(&sql))?;
-        let rows = msgs
-            .iter()
-            .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
-            .count();
-        if rows == 0 {
-            f.lost.send_replace(true);
-            return Err(DbError::Fenced {
-                agent: f.agent,
-                token: f.token,
-            });
-        }
-        Ok(())
+        f.verdict(&msgs)
     }
 
     pub fn client(&mut self) -> &mut postgres::Client {

@@ -7,8 +7,9 @@ use runner::store::db::params;
 
 use crate::TestRoot;
 
-#[test]
-fn metrics_db_accumulates_each_turns_cost_for_ov_costs() {
+/// A root with `lead` (the fake agent, which reports usage) and `quiet`
+/// (`true`: reports nothing).
+fn lead_and_quiet() -> TestRoot {
     let t = TestRoot::new();
     t.agent("lead", "lead", None, &[]);
     t.run([
@@ -21,6 +22,12 @@ fn metrics_db_accumulates_each_turns_cost_for_ov_costs() {
         "true",
     ])
     .status(0);
+    t
+}
+
+#[test]
+fn metrics_db_accumulates_each_turns_cost_for_ov_costs() {
+    let t = lead_and_quiet();
     t.run(["turn", "--agent", "lead", "--message", "one"])
         .status(0);
     let m = t.root().join("metrics.db");
@@ -127,18 +134,7 @@ fn metrics_db_marks_the_session_complete_when_the_agent_ends() {
 /// and a turn without usage still creates nothing.
 #[test]
 fn metrics_db_missing_is_created_only_by_a_turn_with_usage() {
-    let t = TestRoot::new();
-    t.agent("lead", "lead", None, &[]);
-    t.run([
-        "agent",
-        "add",
-        "quiet",
-        "--capability",
-        "lead",
-        "--command",
-        "true",
-    ])
-    .status(0);
+    let t = lead_and_quiet();
     let m = t.root().join("metrics.db");
     // (On PostgreSQL `agent add` creates no metrics.db: nothing to remove.)
     for ext in ["", "-wal", "-shm"] {

@@ -296,22 +296,10 @@ impl Sender {
             .simple_query(&sql)
             .map_err(DbError::Pg)
             .ctx(CONTEXT)?;
-        let Some(f) = &self.fence else {
-            return Ok(());
-        };
-        let rows = msgs
-            .iter()
-            .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
-            .count();
-        if rows == 0 {
-            f.lost.send_replace(true);
-            return Err(DbError::Fenced {
-                agent: f.agent.clone(),
-                token: f.token,
-            })
-            .ctx(CONTEXT);
+        match &self.fence {
+            Some(f) => f.verdict(&msgs).ctx(CONTEXT),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
