@@ -346,6 +346,19 @@ fn insert_pg(
     starts: &mut StartIds,
     ended: &mut std::collections::HashMap<ToolStartRef, i64>,
 ) -> Result<()> {
+    db.copy_in(COPY_EVENTS, &copy_data(tag, batches, starts, ended))
+        .ctx("writing events")?;
+    Ok(())
+}
+
+/// The rows of `batches` in COPY's binary format. A `tool_start` row whose
+/// call ended in these batches takes its duration from `ended` (and leaves it).
+pub(crate) fn copy_data(
+    tag: &TurnTag,
+    batches: &[Batch],
+    starts: &mut StartIds,
+    ended: &mut std::collections::HashMap<ToolStartRef, i64>,
+) -> Vec<u8> {
     let bytes: usize = batches
         .iter()
         .flat_map(|b| b.rows.iter())
@@ -358,9 +371,7 @@ fn insert_pg(
             out.row(tag, b, r, known);
         }
     }
-    db.copy_in(COPY_EVENTS, &out.finish())
-        .ctx("writing events")?;
-    Ok(())
+    out.finish()
 }
 
 pub(crate) const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, session_id, created_at, \
@@ -371,7 +382,7 @@ pub(crate) const COPY_EVENTS: &str = "COPY events (run_id, agent_name, turn_id, 
 /// per field a 32-bit length, -1 for NULL, and the value as its type's
 /// binary form: `text` its UTF-8 bytes, `bigint` 8 bytes big-endian; a
 /// 16-bit -1 ends the data).
-pub(crate) struct CopyBinary {
+struct CopyBinary {
     buf: Vec<u8>,
 }
 
@@ -379,7 +390,7 @@ pub(crate) struct CopyBinary {
 const COPY_FIELDS: i16 = 12;
 
 impl CopyBinary {
-    pub(crate) fn with_capacity(n: usize) -> CopyBinary {
+    fn with_capacity(n: usize) -> CopyBinary {
         let mut buf = Vec::with_capacity(n + 32);
         buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
         buf.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
@@ -413,7 +424,7 @@ impl CopyBinary {
     }
 
     /// One row; `known_ms`: the duration of a call that ended in the same COPY.
-    pub(crate) fn row(&mut self, tag: &TurnTag, b: &Batch, r: &EventRow, known_ms: Option<i64>) {
+    fn row(&mut self, tag: &TurnTag, b: &Batch, r: &EventRow, known_ms: Option<i64>) {
         self.buf.extend_from_slice(&COPY_FIELDS.to_be_bytes());
         self.text(tag.run_id.as_deref());
         self.text(Some(&tag.agent_name));
@@ -429,7 +440,7 @@ impl CopyBinary {
         self.int(r.line_no);
     }
 
-    pub(crate) fn finish(mut self) -> Vec<u8> {
+    fn finish(mut self) -> Vec<u8> {
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
         self.buf
     }
@@ -592,21 +603,19 @@ fn write_all(
 ) -> Result<u64> {
     let mut total = 0u64;
     let mut starts = StartIds::default();
-    let mut pending: Vec<Batch> = Vec::new();
-    let mut rows = 0usize;
-    let mut due = Instant::now();
-    let mut commit = |pending: &mut Vec<Batch>, rows: &mut usize| -> Result<()> {
+    let mut pending = Pending::default();
+    let mut commit = |pending: &mut Pending| -> Result<()> {
+        let p = std::mem::take(pending);
         immediate(conn, "writing events", |tx| {
-            write_batches(tx, &tag, pending, &mut starts)
+            write_batches(tx, &tag, &p.batches, &mut starts)
         })?;
-        let bytes = pending
+        let bytes = p
+            .batches
             .iter()
             .flat_map(|b| b.rows.iter())
             .map(|r| r.data.len() as u64 + ROW_BYTES)
             .sum();
-        pending.clear();
-        total += *rows as u64;
-        *rows = 0;
+        total += p.rows as u64;
         match checkpointer {
             Some(c) => c.committed(bytes),
             None if total >= FLOOD_ROWS => {
@@ -618,32 +627,70 @@ fn write_all(
         Ok(())
     };
     loop {
-        let msg = if pending.is_empty() {
-            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-        } else {
-            rx.recv_timeout(due.saturating_duration_since(Instant::now()))
-        };
-        let closed = match msg {
+        let closed = match pending.recv(&rx) {
             Ok(b) => {
-                if !pending.is_empty() && rows + b.rows.len() > MAX_ROWS_PER_COMMIT {
-                    commit(&mut pending, &mut rows)?;
+                if !pending.fits(&b) {
+                    commit(&mut pending)?;
                 }
-                if pending.is_empty() {
-                    due = Instant::now() + COMMIT_EVERY;
-                }
-                rows += b.rows.len();
                 pending.push(b);
                 false
             }
             Err(RecvTimeoutError::Timeout) => false,
             Err(RecvTimeoutError::Disconnected) => true,
         };
-        if !pending.is_empty() && (closed || rows >= MAX_ROWS_PER_COMMIT || Instant::now() >= due) {
-            commit(&mut pending, &mut rows)?;
+        if pending.ready(closed) {
+            commit(&mut pending)?;
         }
         if closed {
             return Ok(total);
         }
+    }
+}
+
+/// Rows waiting for their commit, and when the oldest must be committed:
+/// the batching rule both writers keep (SQLite's [`write_all`], PostgreSQL's
+/// `pg::writer`). Rows wait in memory, not in an open transaction.
+#[derive(Default)]
+pub(crate) struct Pending {
+    pub(crate) batches: Vec<Batch>,
+    pub(crate) rows: usize,
+    pub(crate) due: Option<Instant>,
+}
+
+impl Pending {
+    /// The next batch: waits for ever while nothing is pending, else until
+    /// the pending rows are due.
+    pub(crate) fn recv(
+        &self,
+        rx: &Receiver<Batch>,
+    ) -> std::result::Result<Batch, RecvTimeoutError> {
+        match self.due {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+        }
+    }
+
+    /// Whether `b` may join these rows' commit: one commit holds at most
+    /// [`MAX_ROWS_PER_COMMIT`] rows, and a batch (one line's rows or more)
+    /// is never split, so one that would go past waits for the next commit.
+    pub(crate) fn fits(&self, b: &Batch) -> bool {
+        self.batches.is_empty() || self.rows + b.rows.len() <= MAX_ROWS_PER_COMMIT
+    }
+
+    pub(crate) fn push(&mut self, b: Batch) {
+        if self.batches.is_empty() {
+            self.due = Some(Instant::now() + COMMIT_EVERY);
+        }
+        self.rows += b.rows.len();
+        self.batches.push(b);
+    }
+
+    /// Commit now: 512 rows wait, the oldest is due, or the queue closed.
+    pub(crate) fn ready(&self, closed: bool) -> bool {
+        !self.batches.is_empty()
+            && (closed
+                || self.rows >= MAX_ROWS_PER_COMMIT
+                || self.due.is_some_and(|d| Instant::now() >= d))
     }
 }
 

@@ -21,9 +21,15 @@ use crate::clock;
 /// Creates (or upgrades) `metrics.db` under `root`: `agent add` does it,
 /// so that the agent's first turn does not pay for creating a database.
 pub fn create(root: &Path) -> Result<()> {
+    open(root).map(drop)
+}
+
+/// `metrics.db` under `root`, created or upgraded to runner's schema.
+fn open(root: &Path) -> Result<Connection> {
     let path = root.join("metrics.db");
     let mut conn = open_conn(&path)?;
-    schema::migrate_metrics(&mut conn, &path)
+    schema::migrate_metrics(&mut conn, &path)?;
+    Ok(conn)
 }
 
 /// The two statements of [`record_turn_on`], prepared ahead by [`open_existing`].
@@ -59,12 +65,10 @@ const INSERT_SNAPSHOT: &str =
 /// missing file is left to [`record_turn_on`], which creates it only for
 /// a turn that reported usage, as before.
 pub fn open_existing(root: &Path) -> Result<Option<Connection>> {
-    let path = root.join("metrics.db");
-    if !path.exists() {
+    if !root.join("metrics.db").exists() {
         return Ok(None);
     }
-    let mut conn = open_conn(&path)?;
-    schema::migrate_metrics(&mut conn, &path)?;
+    let conn = open(root)?;
     super::trim_wals_over(&conn, super::WAL_TRIM_EARLY_BYTES);
     conn.prepare_cached(UPSERT_SESSION)
         .ctx("preparing the metrics.db writes")?;
@@ -95,12 +99,7 @@ pub fn record_turn_on(
     }
     let mut conn = match opened {
         Some(c) => c,
-        None => {
-            let path = root.join("metrics.db");
-            let mut conn = open_conn(&path)?;
-            schema::migrate_metrics(&mut conn, &path)?;
-            conn
-        }
+        None => open(root)?,
     };
     let ended = turn.ended_at.clone().unwrap_or_else(clock::now);
     let duration_ms = match (clock::parse_ts(&turn.started_at), clock::parse_ts(&ended)) {

@@ -28,12 +28,10 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
-use std::time::Instant;
 
 use crate::store::db::{Db, DbError, Fence, PgConn};
 use crate::store::events::{
-    Batch, COMMIT_EVERY, COPY_EVENTS, CopyBinary, MAX_ROWS_PER_COMMIT, StartIds, ToolStartRef,
-    TurnTag, check_levels, ends_of,
+    Batch, COPY_EVENTS, Pending, StartIds, ToolStartRef, TurnTag, check_levels, copy_data, ends_of,
 };
 use crate::store::{Ctx, Result, StoreError};
 
@@ -110,31 +108,6 @@ struct Commit {
     rows: usize,
 }
 
-/// Rows waiting for their commit, and when the oldest must be committed.
-#[derive(Default)]
-struct Pending {
-    batches: Vec<Batch>,
-    rows: usize,
-    due: Option<Instant>,
-}
-
-impl Pending {
-    fn push(&mut self, b: Batch) {
-        if self.batches.is_empty() {
-            self.due = Some(Instant::now() + COMMIT_EVERY);
-        }
-        self.rows += b.rows.len();
-        self.batches.push(b);
-    }
-
-    fn ready(&self, closed: bool) -> bool {
-        !self.batches.is_empty()
-            && (closed
-                || self.rows >= MAX_ROWS_PER_COMMIT
-                || self.due.is_some_and(|d| Instant::now() >= d))
-    }
-}
-
 /// The encoder thread: groups whole batches into commits of at most 512
 /// rows (a batch holds at most 512), each once 512 rows wait or 50 ms
 /// after the oldest arrived, and encodes them.
@@ -148,17 +121,8 @@ fn encode(tag: &TurnTag, rx: Receiver<Batch>, tx: SyncSender<Commit>) -> Result<
     loop {
         if held.is_none() && !pending.ready(closed) && !closed {
             // Rows wait in memory, not in an open transaction.
-            let msg = match pending.due {
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-            };
-            match msg {
-                Ok(b)
-                    if !pending.batches.is_empty()
-                        && pending.rows + b.rows.len() > MAX_ROWS_PER_COMMIT =>
-                {
-                    held = Some(b);
-                }
+            match pending.recv(&rx) {
+                Ok(b) if !pending.fits(&b) => held = Some(b),
                 Ok(b) => pending.push(b),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => closed = true,
@@ -171,21 +135,8 @@ fn encode(tag: &TurnTag, rx: Receiver<Batch>, tx: SyncSender<Commit>) -> Result<
             }
             check_levels(&p.batches)?;
             let mut ended = ends_of(&p.batches);
-            let bytes: usize = p
-                .batches
-                .iter()
-                .flat_map(|b| b.rows.iter())
-                .map(|r| r.data.len() + 256)
-                .sum();
-            let mut out = CopyBinary::with_capacity(bytes);
-            for b in &p.batches {
-                for r in &b.rows {
-                    let known = starts.next_ref(r).and_then(|at| ended.remove(&at));
-                    out.row(tag, b, r, known);
-                }
-            }
             let commit = Commit {
-                data: out.finish(),
+                data: copy_data(tag, &p.batches, &mut starts, &mut ended),
                 durations: durations_sql(tag, &ended),
                 rows: p.rows,
             };
